@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything vstore and its test suite need on a fresh Debian 12 machine:
+# the Debian peers (QEMU, qemu-utils, libnbd tools, nbdkit, fio, ...), the npm packages and
+# the TypeScript build. Idempotent and quiet when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+DEB_PKGS=(qemu-system-x86 qemu-utils libnbd-bin nbdkit fio busybox-static cpio kmod e2fsprogs
+          openssl python3-libnbd gnutls-bin)
+# Command each package provides, to skip apt when everything is present.
+need_apt=0
+for cmd in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio cpio depmod mkfs.ext2 openssl certtool; do
+  command -v "$cmd" >/dev/null 2>&1 || need_apt=1
+done
+[ -x /bin/busybox ] || need_apt=1
+if [ "$need_apt" = 1 ]; then
+  echo "setup: installing Debian packages: ${DEB_PKGS[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${DEB_PKGS[@]}" >/dev/null
+fi
+
+# npm packages: reinstall when package-lock.json changed since the last install.
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci" >&2
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+# TypeScript build (dist/) when any source is newer than the last build.
+if [ ! -f dist/.stamp ] || [ -n "$(find lib package.json tsconfig.json -newer dist/.stamp -print -quit)" ]; then
+  echo "setup: building" >&2
+  npx tsc -p tsconfig.json
+  touch dist/.stamp
+fi
