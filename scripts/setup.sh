@@ -29,9 +29,16 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
+# The C++ addon, built from source against this Node (npm's nodedir setting points node-gyp at
+# the local headers; nothing prebuilt is downloaded).
+addon=native/build/Release/vstore_native.node
+if [ ! -f "$addon" ] || [ -n "$(find native/src native/binding.gyp -newer "$addon" -print -quit)" ]; then
+  echo "setup: building the native addon" >&2
+  npm run --silent build:native >/dev/null
+fi
+
 # TypeScript build (dist/) when any source is newer than the last build.
 if [ ! -f dist/.stamp ] || [ -n "$(find lib package.json tsconfig.json -newer dist/.stamp -print -quit)" ]; then
   echo "setup: building" >&2
-  npx tsc -p tsconfig.json
-  touch dist/.stamp
+  npm run --silent build
 fi

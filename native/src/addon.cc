@@ -1,0 +1,10 @@
+// vstore's C++ addon: only what JavaScript cannot do. Each area registers its functions here.
+#include <napi.h>
+#include "file.h"
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  vstore::InitFile(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(vstore_native, Init)
