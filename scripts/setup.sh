@@ -34,6 +34,7 @@ fi
 addon=native/build/Release/vstore_native.node
 if [ ! -f "$addon" ] || [ -n "$(find native/src native/binding.gyp -newer "$addon" -print -quit)" ]; then
   echo "setup: building the native addon" >&2
+  if [ -z "${npm_config_nodedir:-}" ] && [ -f /usr/include/node/node.h ]; then export npm_config_nodedir=/usr; fi
   npm run --silent build:native >/dev/null
 fi
 
