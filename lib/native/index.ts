@@ -17,6 +17,13 @@ export interface NativeAddon {
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /** fallocate(fd, FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE, offset, length) on the thread pool. */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * preadv2(RWF_NOWAIT) into `buf` on the calling thread: bytes read when the page cache could
+   * serve it without blocking, -1 when it would block (then read through the thread pool).
+   */
+  readNowait(fd: number, buf: Uint8Array, offset: number): number;
+  /** pwritev2(RWF_NOWAIT): bytes written, or -1 when it would block or the filesystem cannot (ext4 buffered writes). */
+  writeNowait(fd: number, buf: Uint8Array, offset: number): number;
   /** Size in bytes of a block device (BLKGETSIZE64). */
   blockDeviceSize(fd: number): number;
 }
