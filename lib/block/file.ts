@@ -1,0 +1,342 @@
+/**
+ * A Volume over a raw image file or a block device, like nbdkit's file plugin.
+ *
+ * One file descriptor serves every request (reads and writes are positioned, so they need no
+ * locking); fdatasync on it covers every completed write, whichever client made it, so the
+ * volume is safe for multi-connection NBD. Sparse-file operations go through the native addon:
+ * trim punches holes, writeZeroes uses FALLOC_FL_ZERO_RANGE (or a punch when the range may be
+ * trimmed), blockStatus walks SEEK_DATA / SEEK_HOLE. When the addon or the filesystem lacks
+ * an operation, the volume degrades honestly (caps say so) instead of failing.
+ */
+import { constants as FS, promises as fsp, type Stats } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import { native, type NativeAddon } from '../native/index.js';
+import { toVolumeError, VolumeError } from './errors.js';
+import type { BlockLimits, Extent, Volume, VolumeCapabilities, WriteOptions, ZeroOptions } from './volume.js';
+
+export interface FileVolumeOptions {
+  readOnly?: boolean;
+  /** Create the file (sparse, of this size) when it does not exist; an existing file keeps its size. */
+  create?: { size: number };
+  /**
+   * O_DIRECT: bypass the page cache. Requests whose buffers or offsets are not aligned for the
+   * device are retried on a second, buffered descriptor (the kernel keeps the two coherent).
+   */
+  direct?: boolean;
+  /** Override the addon (tests; `null` runs without it, as on a machine where it is not built). */
+  native?: NativeAddon | null;
+}
+
+/** Extents answered by one blockStatus call at most (the caller asks again for the rest). */
+export const MAX_EXTENTS = 1024;
+const MAX_REQUEST = 32 * 1024 * 1024;
+/** Largest read tried on the event loop from the page cache. */
+const NOWAIT_MAX = 256 * 1024;
+/** Zero buffer used when zeroing has to be emulated by writing; shared, never written to. */
+let zeroBuf: Buffer | undefined;
+const ZERO_BUF_SIZE = 1024 * 1024;
+
+function loadNative(): NativeAddon | null {
+  try {
+    return native();
+  } catch {
+    return null;
+  }
+}
+
+export class FileVolume implements Volume {
+  readonly size: number;
+  readonly limits: BlockLimits;
+  readonly path: string;
+  readonly isBlockDevice: boolean;
+
+  private readonly fh: FileHandle;
+  private readonly fd: number;
+  /** Buffered descriptor for unaligned requests when the main one is O_DIRECT. */
+  private readonly fallback: FileHandle | undefined;
+  private readonly addon: NativeAddon | null;
+  private readonly readOnly: boolean;
+  /** Cleared the first time the filesystem answers EOPNOTSUPP to the operation. */
+  private canPunch: boolean;
+  private canZeroRange: boolean;
+  private canSeek: boolean;
+  /** Reads may try the page cache first (buffered descriptor and an addon that has readNowait). */
+  private readonly nowait: boolean;
+  private closed = false;
+
+  private constructor(p: string, fh: FileHandle, fallback: FileHandle | undefined, st: Stats, size: number, opts: FileVolumeOptions, addon: NativeAddon | null) {
+    this.path = p;
+    this.fh = fh;
+    this.fd = fh.fd;
+    this.fallback = fallback;
+    this.size = size;
+    this.addon = addon;
+    this.readOnly = opts.readOnly ?? false;
+    this.isBlockDevice = st.isBlockDevice();
+    const minimum = opts.direct || this.isBlockDevice ? 512 : 1;
+    this.limits = Object.freeze({ minimum, preferred: 4096, maximum: MAX_REQUEST });
+    this.canPunch = addon !== null && !this.readOnly;
+    this.canZeroRange = addon !== null && !this.readOnly;
+    // SEEK_DATA/SEEK_HOLE mean nothing on a block device: everything is data.
+    this.canSeek = addon !== null && !this.isBlockDevice;
+    this.nowait = addon !== null && !opts.direct && typeof addon.readNowait === 'function';
+  }
+
+  /** Opens (and with `create`, creates) a raw image file or a block device. */
+  static async open(p: string, opts: FileVolumeOptions = {}): Promise<FileVolume> {
+    const addon = opts.native === undefined ? loadNative() : opts.native;
+    const readOnly = opts.readOnly ?? false;
+    let flags = readOnly ? FS.O_RDONLY : FS.O_RDWR;
+    if (opts.direct) flags |= FS.O_DIRECT;
+    let fh: FileHandle;
+    try {
+      fh = await fsp.open(p, flags);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' || !opts.create) throw toVolumeError(e);
+      if (readOnly) throw new VolumeError('EROFS', `${p}: cannot create a read-only volume`);
+      const size = opts.create.size;
+      if (!Number.isSafeInteger(size) || size <= 0) throw new VolumeError('EINVAL', `${p}: bad size ${size}`);
+      try {
+        // O_EXCL: a racing creator wins, and we then open what it made.
+        const created = await fsp.open(p, FS.O_RDWR | FS.O_CREAT | FS.O_EXCL, 0o644);
+        try {
+          await created.truncate(size);
+        } finally {
+          await created.close();
+        }
+      } catch (e2) {
+        if ((e2 as NodeJS.ErrnoException).code !== 'EEXIST') throw toVolumeError(e2);
+      }
+      try {
+        fh = await fsp.open(p, flags);
+      } catch (e3) {
+        throw toVolumeError(e3);
+      }
+    }
+    let fallback: FileHandle | undefined;
+    try {
+      const st = await fh.stat();
+      let size: number;
+      if (st.isBlockDevice()) {
+        if (!addon) throw new VolumeError('ENOTSUP', `${p}: block devices need the native addon (run scripts/setup.sh)`);
+        size = addon.blockDeviceSize(fh.fd);
+      } else if (st.isFile()) {
+        size = st.size;
+      } else {
+        throw new VolumeError('EINVAL', `${p}: not a regular file or a block device`);
+      }
+      if (opts.direct) {
+        fallback = await fsp.open(p, readOnly ? FS.O_RDONLY : FS.O_RDWR);
+        size -= size % 512;
+      }
+      return new FileVolume(p, fh, fallback, st, size, opts, addon);
+    } catch (e) {
+      await fh.close().catch(() => {});
+      await fallback?.close().catch(() => {});
+      throw toVolumeError(e);
+    }
+  }
+
+  get caps(): VolumeCapabilities {
+    const rw = !this.readOnly;
+    return {
+      readOnly: this.readOnly,
+      flush: rw,
+      fua: rw,
+      trim: rw && this.canPunch,
+      writeZeroes: rw && (this.canZeroRange || this.canPunch),
+      fastZero: rw && this.canZeroRange,
+      blockStatus: this.canSeek,
+      prefetch: false,
+      multiConn: true,
+    };
+  }
+
+  async read(offset: number, buf: Buffer): Promise<void> {
+    try {
+      let done = 0;
+      const len = buf.length;
+      // Page-cache hits are copied on the event loop (preadv2 RWF_NOWAIT), skipping the
+      // thread-pool hop; only for small reads, so a 32 MiB copy never stalls the loop. A short
+      // answer (part of the range cached) continues through the pool.
+      if (this.nowait && len <= NOWAIT_MAX) {
+        const n = this.addon!.readNowait(this.fd, buf, offset);
+        if (n === len) return;
+        if (n > 0) done = n;
+      }
+      while (done < len) {
+        const { bytesRead } = await this.readOnce(buf, done, len - done, offset + done);
+        if (bytesRead === 0) {
+          // Past the end of a file that shrank under us: what is not there reads as zeroes.
+          buf.fill(0, done);
+          return;
+        }
+        done += bytesRead;
+      }
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    if (this.readOnly) throw new VolumeError('EROFS', 'volume is read-only');
+    try {
+      let done = 0;
+      const len = buf.length;
+      while (done < len) {
+        const { bytesWritten } = await this.writeOnce(buf, done, len - done, offset + done);
+        done += bytesWritten;
+      }
+      if (opts?.fua) await this.fh.datasync();
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    try {
+      await this.fh.datasync();
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    if (this.readOnly) throw new VolumeError('EROFS', 'volume is read-only');
+    if (length === 0) return;
+    // Without hole punching a trim is accepted and does nothing (NBD allows it; caps.trim is false).
+    if (!this.canPunch) return;
+    try {
+      await this.addon!.punchHole(this.fd, offset, length);
+      if (opts?.fua) await this.fh.datasync();
+    } catch (e) {
+      if (isNotSupported(e)) {
+        this.canPunch = false;
+        return;
+      }
+      throw toVolumeError(e);
+    }
+  }
+
+  async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    if (this.readOnly) throw new VolumeError('EROFS', 'volume is read-only');
+    if (length === 0) return;
+    try {
+      if (opts?.mayTrim && this.canPunch && (await this.tryPunch(offset, length))) {
+        // punched: reads as zeroes
+      } else if (this.canZeroRange && (await this.tryZeroRange(offset, length))) {
+        // zeroed in place, allocation kept
+      } else if (opts?.fastZero) {
+        throw new VolumeError('ENOTSUP', 'fast zeroing is not supported here');
+      } else {
+        await this.writeZeroBuffers(offset, length);
+      }
+      if (opts?.fua) await this.fh.datasync();
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  async prefetch(_offset: number, _length: number): Promise<void> {}
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const end = Math.min(offset + length, this.size);
+    if (end <= offset) return [];
+    if (!this.canSeek) return [{ offset, length: end - offset, hole: false, zero: false }];
+    const addon = this.addon!;
+    const out: Extent[] = [];
+    let pos = offset;
+    try {
+      while (pos < end && out.length < MAX_EXTENTS) {
+        let data = addon.seekData(this.fd, pos);
+        if (data < 0 || data > end) data = end; // ENXIO: no data from here to EOF
+        if (data > pos) {
+          out.push({ offset: pos, length: data - pos, hole: true, zero: true });
+          pos = data;
+          if (pos >= end || out.length >= MAX_EXTENTS) break;
+        }
+        let hole = addon.seekHole(this.fd, pos);
+        if (hole < 0 || hole > end) hole = end;
+        if (hole <= pos) hole = end; // defensive: a filesystem answering nonsense must not loop us
+        out.push({ offset: pos, length: hole - pos, hole: false, zero: false });
+        pos = hole;
+      }
+    } catch (e) {
+      if (isNotSupported(e) || (e as NodeJS.ErrnoException).code === 'EINVAL') {
+        // No SEEK_DATA on this filesystem: report what is left as data from now on.
+        this.canSeek = false;
+        if (pos < end) out.push({ offset: pos, length: end - pos, hole: false, zero: false });
+        return out;
+      }
+      throw toVolumeError(e);
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.fh.close();
+      await this.fallback?.close();
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  private readOnce(buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesRead: number }> {
+    if (!this.fallback) return this.fh.read(buf, off, len, pos);
+    return this.fh.read(buf, off, len, pos).catch((e: unknown) => {
+      if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+      return this.fallback!.read(buf, off, len, pos); // unaligned for O_DIRECT
+    });
+  }
+
+  private writeOnce(buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesWritten: number }> {
+    if (!this.fallback) return this.fh.write(buf, off, len, pos);
+    return this.fh.write(buf, off, len, pos).catch((e: unknown) => {
+      if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+      return this.fallback!.write(buf, off, len, pos); // unaligned for O_DIRECT
+    });
+  }
+
+  private async tryPunch(offset: number, length: number): Promise<boolean> {
+    try {
+      await this.addon!.punchHole(this.fd, offset, length);
+      return true;
+    } catch (e) {
+      if (!isNotSupported(e)) throw e;
+      this.canPunch = false;
+      return false;
+    }
+  }
+
+  private async tryZeroRange(offset: number, length: number): Promise<boolean> {
+    try {
+      await this.addon!.zeroRange(this.fd, offset, length);
+      return true;
+    } catch (e) {
+      if (!isNotSupported(e)) throw e;
+      this.canZeroRange = false;
+      return false;
+    }
+  }
+
+  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+    zeroBuf ??= Buffer.alloc(ZERO_BUF_SIZE);
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const n = Math.min(ZERO_BUF_SIZE, end - pos);
+      const { bytesWritten } = await this.writeOnce(zeroBuf, 0, n, pos);
+      pos += bytesWritten;
+    }
+  }
+}
+
+function isNotSupported(e: unknown): boolean {
+  const code = (e as { code?: unknown } | null)?.code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS';
+}
