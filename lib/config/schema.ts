@@ -1,0 +1,291 @@
+/**
+ * The daemon's config: the zod schema (what a file or a control request may say) and its
+ * resolution (defaults filled, paths made absolute) into the shape the daemon uses.
+ *
+ * Objects are strict (a misspelt field is an error, not silently ignored). New kinds of things
+ * (remote volumes, vhost-user sockets, shares, QoS, cache) are added as new optional fields of
+ * these objects; the resolved types are what the daemon reads, so a default lives in one place.
+ */
+import path from 'node:path';
+import { z } from 'zod';
+
+/** Longest unix socket path (sun_path is 108 bytes with the terminating NUL). */
+export const MAX_SOCKET_PATH = 107;
+export const DEFAULT_RUN_DIR = '/run/vstore';
+export const DEFAULT_TCP_PORT = 10809;
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
+
+const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40, P: 2 ** 50 };
+
+/**
+ * Parses a size: a number of bytes, or a string with an optional binary suffix
+ * (`512`, `64K`, `1.5G`, `1GiB`, `10T`). Returns undefined when it is not one.
+ */
+export function parseSize(v: number | string): number | undefined {
+  if (typeof v === 'number') return Number.isSafeInteger(v) && v > 0 ? v : undefined;
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$/i.exec(v);
+  if (!m) return undefined;
+  const bytes = Number(m[1]) * UNITS[m[2]!.toUpperCase()]!;
+  return Number.isSafeInteger(bytes) && bytes > 0 ? bytes : undefined;
+}
+
+export const sizeSchema = z
+  .union([z.number(), z.string()])
+  .transform((v, ctx) => {
+    const n = parseSize(v);
+    if (n === undefined) {
+      ctx.addIssue({ code: 'custom', message: `not a size: ${JSON.stringify(v)} (bytes, or a number with K, M, G, T suffix)` });
+      return z.NEVER;
+    }
+    return n;
+  });
+
+/** VM and disk names: they become file names and export names, so no '/' and no leading dot. */
+export const nameSchema = z
+  .string()
+  .min(1, 'must not be empty')
+  .max(64, 'at most 64 characters')
+  .regex(/^[A-Za-z0-9_][A-Za-z0-9._-]*$/, 'letters, digits, ".", "_" and "-" only, not starting with "." (no "/" or "..")');
+
+const pathSchema = z.string().min(1, 'must not be empty');
+const socketPathSchema = pathSchema.max(MAX_SOCKET_PATH, `unix socket paths are at most ${MAX_SOCKET_PATH} bytes`);
+
+export const nbdDiskSchema = z.strictObject({
+  /** Unix socket of this disk's NBD server; default `<runDir>/<vm>-<disk>.sock`. */
+  socket: socketPathSchema.optional(),
+  /** Export name on that socket; default '' (what `nbd:unix:PATH` reaches). */
+  export: z.string().max(4096).optional(),
+});
+
+export const diskSchema = z.strictObject({
+  name: nameSchema,
+  /** Raw image file or block device. */
+  file: pathSchema,
+  /** Create the image (sparse) with this size when it does not exist. */
+  size: sizeSchema.optional(),
+  readOnly: z.boolean().optional(),
+  /** Open with O_DIRECT (bypass the host page cache). */
+  direct: z.boolean().optional(),
+  nbd: nbdDiskSchema.optional(),
+});
+
+function noDuplicates<T extends { name: string }>(items: T[], ctx: z.RefinementCtx, what: string): void {
+  const seen = new Set<string>();
+  items.forEach((it, i) => {
+    if (seen.has(it.name)) ctx.addIssue({ code: 'custom', path: [i, 'name'], message: `duplicate ${what} name "${it.name}"` });
+    seen.add(it.name);
+  });
+}
+
+export const vmSchema = z.strictObject({
+  name: nameSchema,
+  disks: z.array(diskSchema).superRefine((d, ctx) => noDuplicates(d, ctx, 'disk')).optional(),
+});
+
+export const tlsSchema = z.strictObject({
+  cert: pathSchema,
+  key: pathSchema,
+  ca: pathSchema.optional(),
+  mode: z.enum(['on', 'require']).optional(),
+});
+
+export const tcpSchema = z.strictObject({
+  host: z.string().min(1).optional(),
+  port: z.number().int().min(0).max(65535).optional(),
+});
+
+export const configSchema = z
+  .strictObject({
+    runDir: pathSchema.optional(),
+    control: socketPathSchema.optional(),
+    log: z.strictObject({ level: z.enum(LOG_LEVELS).optional() }).optional(),
+    tcp: tcpSchema.optional(),
+    tls: tlsSchema.optional(),
+    vms: z.array(vmSchema).superRefine((v, ctx) => noDuplicates(v, ctx, 'VM')).optional(),
+  })
+  .superRefine((c, ctx) => {
+    if (c.tls && !c.tcp) ctx.addIssue({ code: 'custom', path: ['tls'], message: 'needs tcp (TLS is offered on the TCP listener only)' });
+  });
+
+export type DiskInput = z.input<typeof diskSchema>;
+export type VmInput = z.input<typeof vmSchema>;
+export type ConfigInput = z.input<typeof configSchema>;
+
+/** A disk with every default filled and every path absolute. */
+export interface DiskConfig {
+  name: string;
+  file: string;
+  /** Size for creation when the file is missing (bytes). */
+  size?: number;
+  readOnly: boolean;
+  direct: boolean;
+  nbd: { socket: string; export: string };
+}
+
+export interface VmConfig {
+  name: string;
+  disks: DiskConfig[];
+}
+
+export interface TlsConfig {
+  cert: string;
+  key: string;
+  ca?: string;
+  mode: 'on' | 'require';
+}
+
+export interface DaemonConfig {
+  runDir: string;
+  control: string;
+  log: { level: (typeof LOG_LEVELS)[number] };
+  tcp?: { host: string; port: number };
+  tls?: TlsConfig;
+  vms: VmConfig[];
+}
+
+/** Where relative paths are anchored and where sockets go by default. */
+export interface ResolveContext {
+  /** Directory relative paths are resolved against (the config file's directory). */
+  baseDir: string;
+  /** Run directory (sockets); already absolute. */
+  runDir: string;
+}
+
+/** The configuration error: every problem, each naming its field (`vms[0].disks[1].file: required`). */
+export class ConfigError extends Error {
+  constructor(
+    readonly problems: string[],
+    readonly source?: string,
+  ) {
+    super(`${source ? `${source}: ` : ''}${problems.length === 1 ? problems[0] : `invalid config:\n  ${problems.join('\n  ')}`}`);
+    this.name = 'ConfigError';
+  }
+}
+
+export function formatPath(p: ReadonlyArray<PropertyKey>, prefix = ''): string {
+  let s = prefix;
+  for (const k of p) {
+    if (typeof k === 'number') s += `[${k}]`;
+    else s += s ? `.${String(k)}` : String(k);
+  }
+  return s;
+}
+
+/** Turns zod issues into "field.path: message" lines. */
+export function formatIssues(issues: ReadonlyArray<z.core.$ZodIssue>, prefix = ''): string[] {
+  const out: string[] = [];
+  for (const iss of issues) {
+    if (iss.code === 'unrecognized_keys') {
+      for (const k of iss.keys) out.push(`${formatPath([...iss.path, k], prefix)}: unknown field`);
+      continue;
+    }
+    const where = formatPath(iss.path, prefix) || '(top level)';
+    out.push(`${where}: ${iss.message}`);
+  }
+  return out;
+}
+
+/** zod's messages, made short: "required" for a missing field. */
+const errorMap: z.core.$ZodErrorMap = (iss) => {
+  if (iss.code === 'invalid_type' && iss.input === undefined) return 'required';
+  if (iss.code === 'invalid_type') return `expected ${iss.expected}, got ${describe(iss.input)}`;
+  return undefined;
+};
+
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'a list';
+  if (typeof v === 'object') return 'an object';
+  return `${typeof v} ${JSON.stringify(v)}`;
+}
+
+/** Validates data against a schema, throwing ConfigError with field paths (prefixed by `prefix`). */
+export function validate<S extends z.ZodType>(schema: S, data: unknown, opts: { prefix?: string; source?: string } = {}): z.output<S> {
+  const r = schema.safeParse(data, { error: errorMap });
+  if (!r.success) throw new ConfigError(formatIssues(r.error.issues, opts.prefix), opts.source);
+  return r.data;
+}
+
+export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx: ResolveContext): DiskConfig {
+  const socket = d.nbd?.socket ? path.resolve(ctx.baseDir, d.nbd.socket) : path.join(ctx.runDir, `${vmName}-${d.name}.sock`);
+  return {
+    name: d.name,
+    file: path.resolve(ctx.baseDir, d.file),
+    ...(d.size !== undefined ? { size: d.size } : {}),
+    readOnly: d.readOnly ?? false,
+    direct: d.direct ?? false,
+    nbd: { socket, export: d.nbd?.export ?? '' },
+  };
+}
+
+export function resolveVm(v: z.output<typeof vmSchema>, ctx: ResolveContext): VmConfig {
+  return { name: v.name, disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)) };
+}
+
+/**
+ * Checks what the schema cannot see field by field: resolved socket paths fit in sun_path and
+ * no two disks share a socket (within `vms`, and against `taken`, the sockets already in use).
+ */
+export function checkResolved(vms: VmConfig[], prefixOf: (vm: number, disk: number) => string, taken = new Set<string>()): string[] {
+  const problems: string[] = [];
+  const used = new Map<string, string>();
+  vms.forEach((vm, i) =>
+    vm.disks.forEach((d, j) => {
+      const where = `${prefixOf(i, j)}.nbd.socket`;
+      if (Buffer.byteLength(d.nbd.socket) > MAX_SOCKET_PATH) {
+        problems.push(`${where}: socket path ${d.nbd.socket} is longer than ${MAX_SOCKET_PATH} bytes (set nbd.socket or a shorter runDir)`);
+      }
+      const other = used.get(d.nbd.socket);
+      if (other) problems.push(`${where}: socket ${d.nbd.socket} is also used by ${other}`);
+      else if (taken.has(d.nbd.socket)) problems.push(`${where}: socket ${d.nbd.socket} is already in use by another disk`);
+      used.set(d.nbd.socket, `${vm.name}/${d.name}`);
+    }),
+  );
+  return problems;
+}
+
+/** Validates and resolves a whole config document; `baseDir` anchors relative paths. */
+export function parseConfig(data: unknown, baseDir: string, source?: string): DaemonConfig {
+  const c = validate(configSchema, data ?? {}, { source });
+  const runDir = path.resolve(baseDir, c.runDir ?? DEFAULT_RUN_DIR);
+  const ctx: ResolveContext = { baseDir, runDir };
+  const vms = (c.vms ?? []).map((v) => resolveVm(v, ctx));
+  const control = c.control ? path.resolve(baseDir, c.control) : path.join(runDir, 'control.sock');
+  const problems = checkResolved(vms, (i, j) => `vms[${i}].disks[${j}]`);
+  if (Buffer.byteLength(control) > MAX_SOCKET_PATH) problems.push(`control: socket path ${control} is longer than ${MAX_SOCKET_PATH} bytes`);
+  if (problems.length) throw new ConfigError(problems, source);
+  return {
+    runDir,
+    control,
+    log: { level: c.log?.level ?? 'info' },
+    ...(c.tcp ? { tcp: { host: c.tcp.host ?? '127.0.0.1', port: c.tcp.port ?? DEFAULT_TCP_PORT } } : {}),
+    ...(c.tls
+      ? {
+          tls: {
+            cert: path.resolve(baseDir, c.tls.cert),
+            key: path.resolve(baseDir, c.tls.key),
+            ...(c.tls.ca ? { ca: path.resolve(baseDir, c.tls.ca) } : {}),
+            mode: c.tls.mode ?? 'require',
+          },
+        }
+      : {}),
+    vms,
+  };
+}
+
+/** Validates and resolves one VM object (a control request, `vstore vm add`). */
+export function parseVm(data: unknown, ctx: ResolveContext, source?: string): VmConfig {
+  const v = validate(vmSchema, data, { source });
+  const vm = resolveVm(v, ctx);
+  const problems = checkResolved([vm], (_i, j) => `disks[${j}]`);
+  if (problems.length) throw new ConfigError(problems, source);
+  return vm;
+}
+
+/** Validates and resolves one disk object of VM `vmName` (a control request, `vstore disk add`). */
+export function parseDisk(vmName: string, data: unknown, ctx: ResolveContext, source?: string): DiskConfig {
+  const d = resolveDisk(vmName, validate(diskSchema, data, { source }), ctx);
+  const problems = checkResolved([{ name: vmName, disks: [d] }], () => 'disk');
+  if (problems.length) throw new ConfigError(problems.map((p) => p.replace(/^disk\./, '')), source);
+  return d;
+}
