@@ -32,6 +32,20 @@ export interface NbdServerOptions {
   tls?: NbdTlsOptions;
   /** Requests in flight per connection before the server stops reading from it (backpressure). Default 128. */
   maxInflightPerConnection?: number;
+  /** A client that has not finished the handshake (entered transmission) by then is disconnected. Default 30 s. */
+  handshakeTimeoutMs?: number;
+  /**
+   * Hard cap on one request's payload (a WRITE longer than this makes the server disconnect the
+   * client: its payload would be a denial of service). Also caps the advertised maximum block
+   * size. Default 32 MiB (the spec's portable maximum).
+   */
+  maxPayload?: number;
+  /**
+   * With structured replies, reads at least this long consult the volume's blockStatus and send
+   * zero regions as OFFSET_HOLE chunks; shorter reads are one data chunk (a block-status lookup
+   * would cost more than it saves). 0: always. Default 64 KiB.
+   */
+  sparseReadThreshold?: number;
 }
 
 export interface NbdServerStats {
