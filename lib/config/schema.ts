@@ -157,7 +157,8 @@ export class ConfigError extends Error {
     readonly problems: string[],
     readonly source?: string,
   ) {
-    super(`${source ? `${source}: ` : ''}${problems.length === 1 ? problems[0] : `invalid config:\n  ${problems.join('\n  ')}`}`);
+    // One line, whatever the number of problems: it is what the CLI prints.
+    super(`${source ? `${source}: ` : ''}${problems.join('; ')}`);
     this.name = 'ConfigError';
   }
 }

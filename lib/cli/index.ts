@@ -1,0 +1,40 @@
+/**
+ * The `vstore` command line (commander); one file per command. `main` is what bin/vstore.js
+ * calls; errors thrown from here are printed by it as one line, `vstore: MESSAGE`, exit 1.
+ */
+import { Command } from 'commander';
+import { registerDisk } from './disk.js';
+import { registerNbd } from './nbd.js';
+import { registerServe } from './serve.js';
+import { registerStatus } from './status.js';
+import { registerVm } from './vm.js';
+import { packageVersion } from './version.js';
+
+export function buildProgram(): Command {
+  const program = new Command('vstore')
+    .description(
+      'host-side userspace block driver for QEMU VMs: serves raw images and block devices as NBD exports, one process for every VM, with a control socket and metrics',
+    )
+    .version(packageVersion(), '-V, --version', 'print the version')
+    .helpOption('-h, --help', 'show help (every command has its own: vstore COMMAND --help)')
+    .showHelpAfterError('(run with --help for usage)')
+    .addHelpText(
+      'after',
+      `
+Examples:
+  $ vstore nbd disk.img --socket /tmp/disk.sock          serve one image, like qemu-nbd -k
+  $ vstore serve --config fixtures/demo.yaml             the daemon
+  $ vstore status                                        what the daemon serves
+  $ vstore vm add vm2.yaml                               add a VM at runtime`,
+    );
+  registerNbd(program);
+  registerServe(program);
+  registerStatus(program);
+  registerVm(program);
+  registerDisk(program);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  await buildProgram().parseAsync(argv);
+}

@@ -1,0 +1,78 @@
+/** `vstore status`: the running daemon's VMs and disks, as a table or JSON. */
+import type { Command } from 'commander';
+import type { DaemonStatus } from '../daemon/control.js';
+import { call, controlOption } from './client.js';
+
+export function formatBytes(n: number): string {
+  const units = ['B', 'K', 'M', 'G', 'T', 'P'];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1 && v % 1024 === 0) {
+    v /= 1024;
+    i++;
+  }
+  if (i === 0 && n >= 1024) {
+    // not a round size: one decimal
+    let j = 0;
+    let f = n;
+    while (f >= 1024 && j < units.length - 1) {
+      f /= 1024;
+      j++;
+    }
+    return `${f.toFixed(1)}${units[j]}`;
+  }
+  return `${v}${units[i]}`;
+}
+
+export function renderTable(rows: string[][]): string {
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
+  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!))).join('  ')).join('\n') + '\n';
+}
+
+export function renderStatus(s: DaemonStatus): string {
+  let out = `daemon pid ${s.pid}, version ${s.version}, up ${s.uptimeSeconds}s, control ${s.control}`;
+  if (s.tcp) out += `, TCP ${s.tcp.host}:${s.tcp.port} (exports VM/DISK)`;
+  out += `\n`;
+  if (s.vms.length === 0) return out + 'no VMs\n';
+  const rows = [['VM', 'DISK', 'SIZE', 'MODE', 'CONN', 'INFLIGHT', 'READS', 'WRITES', 'ERRORS', 'SOCKET', 'EXPORT', 'FILE']];
+  for (const vm of s.vms) {
+    if (vm.disks.length === 0) rows.push([vm.name, '-', '', '', '', '', '', '', '', '', '', '']);
+    for (const d of vm.disks) {
+      rows.push([
+        vm.name,
+        d.name,
+        formatBytes(d.size),
+        d.readOnly ? 'ro' : 'rw',
+        String(d.connections),
+        String(d.inflight),
+        String(d.reads),
+        String(d.writes),
+        String(d.errors),
+        d.socket,
+        JSON.stringify(d.export),
+        d.file,
+      ]);
+    }
+  }
+  return out + renderTable(rows);
+}
+
+export function registerStatus(program: Command): void {
+  program
+    .command('status')
+    .summary("show the running daemon's VMs, disks and counters")
+    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export and file")
+    .addOption(controlOption())
+    .option('--json', 'print the raw status object (GET /v1/status) as JSON', false)
+    .addHelpText(
+      'after',
+      `
+Examples:
+  $ vstore status
+  $ vstore status --control .state/run/control.sock --json`,
+    )
+    .action(async (opts: { control: string; json: boolean }) => {
+      const s = await call<DaemonStatus>(opts.control, 'GET', '/v1/status');
+      process.stdout.write(opts.json ? JSON.stringify(s, null, 2) + '\n' : renderStatus(s));
+    });
+}

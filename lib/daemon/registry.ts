@@ -1,0 +1,312 @@
+/**
+ * The VM registry: which VMs the daemon serves, and for each its disks — the volume, the NBD
+ * server on the disk's own unix socket, and the export on the shared TCP server. Nothing global:
+ * the NBD server factory and the volume opener are injected, so a test builds the registry over
+ * MemoryVolumes and fake servers, and the daemon over files and the real server.
+ *
+ * Mutations (add/remove of VMs and disks) run one at a time, in order: a remove that arrives
+ * while the same VM is being added waits for the add to finish, and never sees half a VM.
+ */
+import { connect } from 'node:net';
+import { lstat, mkdir, rm } from 'node:fs/promises';
+import path from 'node:path';
+import type { Volume } from '../block/volume.js';
+import type { DiskConfig, VmConfig } from '../config/schema.js';
+import type { Logger } from '../log.js';
+import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from '../nbd/api.js';
+
+/** What the registry needs of an NBD server (lib/nbd/server.ts's NbdServer has it). */
+export interface NbdServerLike {
+  addExport(spec: NbdExportSpec): void;
+  removeExport(name: string): Promise<void>;
+  listen(addr: NbdListenAddress): Promise<void>;
+  close(): Promise<void>;
+  stats(): NbdServerStats;
+}
+
+export type NbdServerFactory = (opts: NbdServerOptions) => NbdServerLike;
+export type VolumeOpener = (disk: DiskConfig) => Promise<Volume>;
+
+/** An error the control API reports with an HTTP status (and the CLI prints as one line). */
+export class RegistryError extends Error {
+  constructor(
+    readonly status: 400 | 404 | 409 | 500 | 503,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'RegistryError';
+  }
+}
+
+export interface DiskCounters {
+  connections: number;
+  inflight: number;
+  reads: number;
+  writes: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+}
+
+export interface DiskStatus extends DiskCounters {
+  name: string;
+  file: string;
+  size: number;
+  readOnly: boolean;
+  socket: string;
+  export: string;
+  /** Export name on the shared TCP listener, when there is one. */
+  tcpExport?: string;
+}
+
+export interface VmStatus {
+  name: string;
+  disks: DiskStatus[];
+}
+
+interface Disk {
+  vm: string;
+  config: DiskConfig;
+  volume: Volume;
+  server: NbdServerLike;
+  tcpExport?: string;
+  logger: Logger;
+}
+
+interface Vm {
+  name: string;
+  disks: Map<string, Disk>;
+}
+
+export interface RegistryDeps {
+  logger: Logger;
+  createServer: NbdServerFactory;
+  openVolume: VolumeOpener;
+  /** The shared TCP server: every disk is also exported there as `VM/DISK`. */
+  tcpServer?: NbdServerLike;
+}
+
+const ZERO: DiskCounters = { connections: 0, inflight: 0, reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
+
+export class VmRegistry {
+  private readonly vms = new Map<string, Vm>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private closed = false;
+
+  constructor(private readonly deps: RegistryDeps) {}
+
+  /** Runs mutations one after another. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => {});
+    return run;
+  }
+
+  has(vm: string): boolean {
+    return this.vms.has(vm);
+  }
+
+  /** Adds a VM and serves its disks; all or nothing (disks already up are taken down on failure). */
+  addVm(vm: VmConfig): Promise<void> {
+    return this.serial(async () => {
+      this.open();
+      if (this.vms.has(vm.name)) throw new RegistryError(409, `VM "${vm.name}" already exists`);
+      this.checkSockets(vm.disks, (j) => `disks[${j}].nbd.socket`);
+      const entry: Vm = { name: vm.name, disks: new Map() };
+      this.vms.set(vm.name, entry);
+      try {
+        for (const [j, d] of vm.disks.entries()) await this.startDisk(entry, d, `disks[${j}]`);
+      } catch (e) {
+        await this.stopVm(entry);
+        this.vms.delete(vm.name);
+        throw e;
+      }
+      this.deps.logger.info({ vm: vm.name, disks: vm.disks.map((d) => d.name) }, 'VM added');
+    });
+  }
+
+  /** Drains, flushes and removes every disk of a VM, then the VM. */
+  removeVm(name: string): Promise<void> {
+    return this.serial(async () => {
+      const vm = this.vms.get(name);
+      if (!vm) throw new RegistryError(404, `no VM "${name}"`);
+      this.vms.delete(name);
+      await this.stopVm(vm);
+      this.deps.logger.info({ vm: name }, 'VM removed');
+    });
+  }
+
+  addDisk(vmName: string, disk: DiskConfig): Promise<void> {
+    return this.serial(async () => {
+      this.open();
+      const vm = this.vms.get(vmName);
+      if (!vm) throw new RegistryError(404, `no VM "${vmName}"`);
+      if (vm.disks.has(disk.name)) throw new RegistryError(409, `VM "${vmName}" already has a disk "${disk.name}"`);
+      this.checkSockets([disk], () => 'nbd.socket');
+      await this.startDisk(vm, disk, '');
+    });
+  }
+
+  removeDisk(vmName: string, diskName: string): Promise<void> {
+    return this.serial(async () => {
+      const vm = this.vms.get(vmName);
+      if (!vm) throw new RegistryError(404, `no VM "${vmName}"`);
+      const disk = vm.disks.get(diskName);
+      if (!disk) throw new RegistryError(404, `VM "${vmName}" has no disk "${diskName}"`);
+      vm.disks.delete(diskName);
+      await this.stopDisk(disk);
+    });
+  }
+
+  /**
+   * Shutdown: refuses further mutations, then takes every VM down at once (each NBD server
+   * stops accepting, drains, flushes), and returns when all are down. Errors are logged, not
+   * thrown: one stuck disk must not keep the others' sockets around.
+   */
+  closeAll(): Promise<void> {
+    this.closed = true;
+    return this.serial(async () => {
+      const vms = [...this.vms.values()];
+      this.vms.clear();
+      await Promise.all(vms.map((vm) => this.stopVm(vm)));
+    });
+  }
+
+  status(): VmStatus[] {
+    const tcpStats = this.deps.tcpServer?.stats();
+    return [...this.vms.values()].map((vm) => ({
+      name: vm.name,
+      disks: [...vm.disks.values()].map((d) => {
+        const c = { ...ZERO };
+        add(c, d.server.stats().exports.find((e) => e.name === d.config.nbd.export));
+        if (d.tcpExport) add(c, tcpStats?.exports.find((e) => e.name === d.tcpExport));
+        return {
+          name: d.config.name,
+          file: d.config.file,
+          size: d.volume.size,
+          readOnly: d.config.readOnly || d.volume.caps.readOnly,
+          socket: d.config.nbd.socket,
+          export: d.config.nbd.export,
+          ...(d.tcpExport !== undefined ? { tcpExport: d.tcpExport } : {}),
+          ...c,
+        };
+      }),
+    }));
+  }
+
+  private open(): void {
+    if (this.closed) throw new RegistryError(503, 'the daemon is shutting down');
+  }
+
+  /** Two disks never share a socket (the schema checks within one request; this across the daemon). */
+  private checkSockets(disks: DiskConfig[], where: (j: number) => string): void {
+    const inUse = new Map<string, string>();
+    for (const vm of this.vms.values()) for (const d of vm.disks.values()) inUse.set(d.config.nbd.socket, `${vm.name}/${d.config.name}`);
+    disks.forEach((d, j) => {
+      const owner = inUse.get(d.nbd.socket);
+      if (owner) throw new RegistryError(409, `${where(j)}: socket ${d.nbd.socket} is already used by ${owner}`);
+    });
+  }
+
+  private async startDisk(vm: Vm, config: DiskConfig, where: string): Promise<void> {
+    const logger = this.deps.logger.child({ vm: vm.name, disk: config.name });
+    const field = (f: string): string => (where ? `${where}.${f}` : f);
+    let volume: Volume;
+    try {
+      volume = await this.deps.openVolume(config);
+    } catch (e) {
+      throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${(e as Error).message}`);
+    }
+    const server = this.deps.createServer({ logger });
+    let tcpExport: string | undefined;
+    try {
+      server.addExport({ name: config.nbd.export, volume, readOnly: config.readOnly, description: `${vm.name}/${config.name}` });
+      await prepareSocket(config.nbd.socket, field('nbd.socket'));
+      await server.listen({ unix: config.nbd.socket });
+      if (this.deps.tcpServer) {
+        tcpExport = `${vm.name}/${config.name}`;
+        this.deps.tcpServer.addExport({ name: tcpExport, volume, readOnly: config.readOnly, description: tcpExport });
+      }
+    } catch (e) {
+      await server.close().catch(() => {});
+      await volume.close().catch(() => {});
+      throw e instanceof RegistryError ? e : new RegistryError(500, `${field('nbd.socket')}: cannot serve on ${config.nbd.socket}: ${(e as Error).message}`);
+    }
+    vm.disks.set(config.name, { vm: vm.name, config, volume, server, logger, ...(tcpExport !== undefined ? { tcpExport } : {}) });
+    logger.info({ file: config.file, size: volume.size, socket: config.nbd.socket, export: config.nbd.export, tcpExport, readOnly: config.readOnly }, 'disk served');
+  }
+
+  private async stopVm(vm: Vm): Promise<void> {
+    const disks = [...vm.disks.values()];
+    vm.disks.clear();
+    await Promise.all(disks.map((d) => this.stopDisk(d)));
+  }
+
+  /** Takes one disk down: TCP export, then its server (stops accepting, drains, flushes), then the volume. */
+  private async stopDisk(d: Disk): Promise<void> {
+    const log = d.logger;
+    log.info({ socket: d.config.nbd.socket }, 'disk stopping: draining requests');
+    try {
+      if (d.tcpExport) await this.deps.tcpServer?.removeExport(d.tcpExport);
+    } catch (e) {
+      log.error({ err: e }, 'removing the TCP export failed');
+    }
+    try {
+      await d.server.close();
+    } catch (e) {
+      log.error({ err: e }, 'closing the NBD server failed');
+    }
+    try {
+      await d.volume.flush();
+      log.info('disk flushed');
+    } catch (e) {
+      log.error({ err: e }, 'flush failed');
+    }
+    try {
+      await d.volume.close();
+    } catch (e) {
+      log.error({ err: e }, 'closing the volume failed');
+    }
+    await rm(d.config.nbd.socket, { force: true }).catch(() => {});
+    log.info({ socket: d.config.nbd.socket }, 'disk removed');
+  }
+}
+
+function add(c: DiskCounters, e: Partial<DiskCounters> | undefined): void {
+  if (!e) return;
+  c.connections += e.connections ?? 0;
+  c.inflight += e.inflight ?? 0;
+  c.reads += e.reads ?? 0;
+  c.writes += e.writes ?? 0;
+  c.bytesRead += e.bytesRead ?? 0;
+  c.bytesWritten += e.bytesWritten ?? 0;
+  c.errors += e.errors ?? 0;
+}
+
+/**
+ * Makes a unix socket path usable: creates its directory, removes a stale socket left by a
+ * crashed process, and refuses one that a live process still listens on (or any other file).
+ */
+export async function prepareSocket(p: string, field = 'socket'): Promise<void> {
+  await mkdir(path.dirname(p), { recursive: true });
+  let st;
+  try {
+    st = await lstat(p);
+  } catch {
+    return; // nothing there
+  }
+  if (!st.isSocket()) throw new RegistryError(409, `${field}: ${p} exists and is not a socket`);
+  if (await isListening(p)) throw new RegistryError(409, `${field}: ${p} is in use by another process`);
+  await rm(p, { force: true });
+}
+
+export function isListening(p: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(p);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
