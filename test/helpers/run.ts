@@ -104,6 +104,20 @@ export function requireCommands(...cmds: string[]): void {
 
 /** Checks that a Python module imports (e.g. `nbd` from python3-libnbd, used by nbdsh). */
 export function requirePythonModule(mod: string): void {
-  const r = spawnSync('python3', ['-c', `import ${mod}`], { encoding: 'utf8' });
+  const py = which('/usr/bin/python3') ?? 'python3'; // Debian's, where python3-* packages live
+  const r = spawnSync(py, ['-c', `import ${mod}`], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`python3 module ${mod} missing (run scripts/setup.sh): ${r.stderr}`);
+}
+
+/**
+ * Runs Python code under nbdsh (libnbd's Python shell; `nbd` is imported, `h` is an unconnected
+ * handle). nbdsh runs `python3 -m nbd` from $PATH: /usr/bin comes first so a python3 from
+ * pyenv or a venv, which lacks python3-libnbd, does not shadow Debian's.
+ */
+export function nbdsh(code: string, opts: { env?: Record<string, string>; timeoutMs?: number; check?: boolean } = {}): Promise<RunResult> {
+  return run('nbdsh', ['-c', code], {
+    env: { ...process.env, ...opts.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` },
+    timeoutMs: opts.timeoutMs ?? 60_000,
+    check: opts.check,
+  });
 }
