@@ -26,6 +26,50 @@ export interface NativeAddon {
   writeNowait(fd: number, buf: Uint8Array, offset: number): number;
   /** Size in bytes of a block device (BLKGETSIZE64). */
   blockDeviceSize(fd: number): number;
+
+  // vhost-user plumbing (native/src/vhost.cc); policy lives in lib/vhost/.
+  /** A non-blocking listening unix stream socket bound to `path`. */
+  unixListen(path: string, backlog?: number): number;
+  /** A connected unix stream socket, non-blocking once connected. */
+  unixConnect(path: string): number;
+  /** accept4 on a listening socket: a non-blocking fd, or -1 when none is pending. */
+  unixAccept(fd: number): number;
+  /**
+   * recvmsg into `buf`: bytes read (0 at end of stream) or -1 when nothing is ready. Fds that
+   * came with them (SCM_RIGHTS, close-on-exec) are pushed onto `fdsOut`; the caller owns them.
+   */
+  recvMsg(fd: number, buf: Uint8Array, fdsOut: number[]): number;
+  /** Sends all of `buf`, with `fds` (SCM_RIGHTS) attached to its first byte; waits up to 5 s for room. */
+  sendMsg(fd: number, buf: Uint8Array, fds?: number[]): number;
+  /** A non-blocking, close-on-exec eventfd. */
+  eventfd(): number;
+  /** Reads (and resets) an eventfd counter: 0 when it was already 0. */
+  eventfdRead(fd: number): number;
+  /** Adds `value` (default 1) to an eventfd counter. */
+  eventfdWrite(fd: number, value?: number): void;
+  /** memfd_create + ftruncate: shared memory of `size` bytes. */
+  memfdCreate(name: string, size: number): number;
+  /** st_size of an fd. */
+  fdSize(fd: number): number;
+  closeFd(fd: number): void;
+  /**
+   * Maps [offset, offset + size) of `fd` MAP_SHARED, returned as ArrayBuffers of at most
+   * `chunkSize` bytes each, in order, without a copy; unmapped when all are garbage-collected.
+   */
+  mmapShared(fd: number, offset: number, size: number, chunkSize: number, readOnly?: boolean): ArrayBuffer[];
+  /**
+   * Watches an fd in the event loop (uv_poll): `callback(status, events)` on readiness (events:
+   * 1 readable, 2 writable, 4 disconnect; status < 0 is a libuv error). With `{eventfd: true}`
+   * the watcher drains the eventfd counter itself and calls back only when it was non-zero.
+   * close() stops watching for good; the fd stays open.
+   */
+  FdWatcher: new (fd: number, callback: (status: number, events: number) => void, opts?: { eventfd?: boolean }) => NativeFdWatcher;
+}
+
+export interface NativeFdWatcher {
+  start(writable?: boolean): void;
+  stop(): void;
+  close(): void;
 }
 
 function load(): NativeAddon {
