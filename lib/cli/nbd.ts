@@ -105,6 +105,9 @@ Attach with QEMU:
       const server = new NbdServer({ logger, ...(tls ? { tls } : {}) });
       const stop = async (): Promise<void> => {
         logger.info('stopping: no new connections, draining in-flight requests');
+        // removeExport drains and disconnects clients at once; close() alone would wait for
+        // net.Server's close callback, which comes only after every connection has ended.
+        await server.removeExport(opts.export);
         await server.close();
         await volume.flush();
         logger.info({ file }, 'flushed');

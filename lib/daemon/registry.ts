@@ -215,7 +215,9 @@ export class VmRegistry {
     try {
       volume = await this.deps.openVolume(config);
     } catch (e) {
-      throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${(e as Error).message}`);
+      // "ENOENT: ENOENT: no such file..." (VolumeError over a system error) said once
+      const why = (e as Error).message.replace(/^(\w+): \1: /, '$1: ');
+      throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${why}`);
     }
     const server = this.deps.createServer({ logger });
     let tcpExport: string | undefined;
@@ -252,6 +254,10 @@ export class VmRegistry {
       log.error({ err: e }, 'removing the TCP export failed');
     }
     try {
+      // removeExport first: it drains and disconnects the export's clients at once. close()
+      // alone waits for net.Server's close callback, which (today) comes only after every
+      // connection has ended, so a busy client would hold the shutdown until it gives up.
+      await d.server.removeExport(d.config.nbd.export);
       await d.server.close();
     } catch (e) {
       log.error({ err: e }, 'closing the NBD server failed');
