@@ -41,6 +41,7 @@ export function writeU64(buf: Buffer, off: number, value: number | bigint): void
     buf.writeBigUInt64BE(BigInt.asUintN(64, value), off);
     return;
   }
+  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`u64 value ${value} is not a safe non-negative integer (use a bigint)`);
   const hi = Math.floor(value / TWO32);
   buf.writeUInt32BE(hi >>> 0, off);
   buf.writeUInt32BE(value - hi * TWO32, off + 4);

@@ -703,6 +703,11 @@ export class Connection {
       if (type === C.NBD_CMD_WRITE) return this.rejectWrite(r, C.NBD_ESHUTDOWN);
       return this.reject(r, C.NBD_ESHUTDOWN, 'server is shutting down');
     }
+    // A read-only export refuses every write-like command first, whatever its flags.
+    if (exp.readOnly && (type === C.NBD_CMD_WRITE || type === C.NBD_CMD_TRIM || type === C.NBD_CMD_WRITE_ZEROES)) {
+      if (type === C.NBD_CMD_WRITE) return this.rejectWrite(r, C.NBD_EPERM);
+      return this.reject(r, C.NBD_EPERM, 'export is read-only');
+    }
     // FUA is valid on every command once advertised; never when not.
     if ((flags & C.NBD_CMD_FLAG_FUA) !== 0 && (tf & C.NBD_FLAG_SEND_FUA) === 0) {
       if (type === C.NBD_CMD_WRITE) return this.rejectWrite(r, C.NBD_EINVAL);

@@ -176,14 +176,9 @@ export class NbdServer {
 
   private async doClose(): Promise<void> {
     const listeners = this.listeners.splice(0);
-    await Promise.all(
-      listeners.map(
-        (l) =>
-          new Promise<void>((resolve) => {
-            l.server.close(() => resolve());
-          }),
-      ),
-    );
+    // server.close() stops accepting at once, but its callback waits for every connection:
+    // collect it at the end.
+    const stopped = listeners.map((l) => new Promise<void>((resolve) => l.server.close(() => resolve())));
     await Promise.all(listeners.map((l) => (l.unixPath ? fsp.rm(l.unixPath, { force: true }) : undefined)));
     for (const c of this.connections) if (!c.inTransmission) c.destroy();
     const exps = [...this.exports.values()];
@@ -192,6 +187,7 @@ export class NbdServer {
     // Connections on exports removed meanwhile, or lingering ones.
     await Promise.all([...this.connections].map((c) => c.terminate()));
     this.exports.clear();
+    await Promise.all(stopped);
     this.logger.info('nbd: server closed');
   }
 
