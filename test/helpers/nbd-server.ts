@@ -151,3 +151,92 @@ function canConnect(socket: string): Promise<boolean> {
     c.once('error', () => resolve(false));
   });
 }
+
+export interface VstoreDaemon {
+  /** TCP port of the shared NBD listener. */
+  port: number;
+  child: ChildProcess;
+  stderr(): string;
+  /** SIGTERM; throws unless the daemon exits 0 within 10 s. */
+  stop(): Promise<void>;
+}
+
+/** A free TCP port on 127.0.0.1 (bound and released; good enough for a test on loopback). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Starts `vstore serve -c CONFIG` (the daemon) with a TCP listener on 127.0.0.1 that shares all
+ * disks as exports named VM/DISK; `config` is the daemon config without `tcp`/`runDir`.
+ */
+export async function startVstoreDaemon(config: Record<string, unknown>): Promise<VstoreDaemon> {
+  if (!existsSync(path.join(REPO_ROOT, 'dist/lib/cli/index.js'))) {
+    throw new Error('vstore is not built (dist/lib/cli/index.js missing): run `npm run build` or scripts/setup.sh');
+  }
+  const dir = tempDir('vstore-daemon-');
+  const port = await freePort();
+  const cfgFile = path.join(dir, 'config.json');
+  const { writeFileSync } = await import('node:fs');
+  writeFileSync(cfgFile, JSON.stringify({ runDir: path.join(dir, 'run'), control: path.join(dir, 'control.sock'), ...config, tcp: { host: '127.0.0.1', port } }));
+  const child = spawn(process.execPath, [VSTORE_BIN, 'serve', '-c', cfgFile, '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+  child.stdout!.on('data', (b: Buffer) => (err += b.toString()));
+  let exited: { code: number | null; signal: NodeJS.Signals | null } | null = null;
+  const exitP = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on('exit', (code, signal) => resolve((exited = { code, signal }))),
+  );
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    if (exited) throw new Error(`vstore serve exited (${JSON.stringify(exited)}) before listening:\n${err}`);
+    // Ready: the TCP listener accepts and every disk's unix socket exists (the daemon may open
+    // its listener before it has added every disk).
+    const sockets = diskSockets(config, path.join(dir, 'run'));
+    if (sockets.every((s) => existsSync(s)) && (await canConnectTcp(port))) break;
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`vstore serve: 127.0.0.1:${port} not accepting after 15 s:\n${err}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const d: VstoreDaemon = {
+    port,
+    child,
+    stderr: () => err,
+    async stop() {
+      if (!exited) child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      const res = await exitP;
+      clearTimeout(timer);
+      if (res.code !== 0) throw new Error(`vstore serve did not exit cleanly on SIGTERM: ${JSON.stringify(res)}\n${err}`);
+    },
+  };
+  afterAll(() => {
+    if (!exited) child.kill('SIGKILL');
+  });
+  return d;
+}
+
+function diskSockets(config: Record<string, unknown>, runDir: string): string[] {
+  const vms = (config.vms ?? []) as Array<{ name: string; disks?: Array<{ name: string; nbd?: { socket?: string } }> }>;
+  return vms.flatMap((vm) => (vm.disks ?? []).map((d) => d.nbd?.socket ?? path.join(runDir, `${vm.name}-${d.name}.sock`)));
+}
+
+function canConnectTcp(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = net.connect(port, '127.0.0.1');
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+}

@@ -5,7 +5,8 @@
 import path from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
-  KiB, MiB, requireCommands, run, sparseImage, startNbdServer, tempDir, type DataRegion, type NbdServer,
+  KiB, MiB, patterned, requireCommands, run, sparseImage, startNbdServer, startVstoreDaemon, tempDir,
+  type DataRegion, type NbdServer,
 } from '../helpers/index.js';
 
 const SIZE = 64 * MiB;
@@ -151,5 +152,43 @@ describe('nbdinfo with vstore nbd', () => {
     expect(ok.stdout.trim()).toBe(String(SIZE));
     const bad = await run('nbdinfo', ['--size', `nbd+unix:///nope?socket=${srv.socket}`], { check: false });
     expect(bad.code).not.toBe(0);
+  });
+
+  it('--list of the daemon\'s shared TCP listener shows every disk as VM/DISK', async () => {
+    // `vstore serve`, not `vstore nbd`: only the daemon serves several exports on one listener.
+    const img = (name: string, seed: number, size: number) => {
+      const f = path.join(dir, `${name}.raw`);
+      sparseImage(f, size, [{ offset: 0, length: 4096, seed }]);
+      return f;
+    };
+    const disks = [
+      { vm: 'vm1', name: 'disk0', size: 16 * MiB, seed: 21, readOnly: false },
+      { vm: 'vm1', name: 'disk1', size: 32 * MiB, seed: 22, readOnly: true },
+      { vm: 'vm2', name: 'disk0', size: 8 * MiB, seed: 23, readOnly: false },
+    ];
+    const vms = ['vm1', 'vm2'].map((vm) => ({
+      name: vm,
+      disks: disks.filter((d) => d.vm === vm).map((d) => ({ name: d.name, file: img(`${d.vm}-${d.name}`, d.seed, d.size), readOnly: d.readOnly })),
+    }));
+    const daemon = await startVstoreDaemon({ vms });
+    try {
+      const j = JSON.parse((await run('nbdinfo', ['--list', '--json', `nbd://127.0.0.1:${daemon.port}`])).stdout);
+      const byName = new Map<string, InfoExport>(j.exports.map((e: InfoExport) => [e['export-name'], e]));
+      expect([...byName.keys()].sort()).toEqual(['vm1/disk0', 'vm1/disk1', 'vm2/disk0']);
+      for (const d of disks) {
+        const e = byName.get(`${d.vm}/${d.name}`)!;
+        expect(e['export-size']).toBe(d.size);
+        expect(e.is_read_only).toBe(d.readOnly);
+        // Each export reaches its own image: the first 4 KiB are that disk's pattern.
+        const out = path.join(dir, `list-${d.vm}-${d.name}.bin`);
+        await run('nbdcopy', [`nbd://127.0.0.1:${daemon.port}/${d.vm}/${d.name}`, out]);
+        const { readFileSync } = await import('node:fs');
+        const got = readFileSync(out);
+        expect(got.length).toBe(d.size);
+        expect(got.subarray(0, 4096).equals(patterned(4096, d.seed))).toBe(true);
+      }
+    } finally {
+      await daemon.stop();
+    }
   });
 });
