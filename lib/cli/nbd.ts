@@ -131,7 +131,11 @@ Attach with QEMU:
       const exp = encodeURIComponent(opts.export);
       logger.info({ file, size: volume.size, socket, tcp, export: opts.export, readOnly: volume.caps.readOnly || !!opts.readOnly, tls: tls?.mode ?? 'off' }, 'serving');
       if (socket) process.stdout.write(`vstore: serving ${file} (${volume.size} bytes) on nbd+unix:///${exp}?socket=${socket}\n`);
-      if (tcp) process.stdout.write(`vstore: serving ${file} (${volume.size} bytes) on nbd${tls ? 's' : ''}://${tcp.host.includes(':') ? `[${tcp.host}]` : tcp.host}:${tcp.port}/${exp}\n`);
+      for (const a of server.addresses) {
+        if (!('tcp' in a)) continue; // the port the system chose when --tcp said :0
+        const host = a.tcp.host.includes(':') ? `[${a.tcp.host}]` : a.tcp.host;
+        process.stdout.write(`vstore: serving ${file} (${volume.size} bytes) on nbd${tls ? 's' : ''}://${host}:${a.tcp.port}/${exp}\n`);
+      }
       exitAfterLogs(logger, await exited);
     });
 }

@@ -199,6 +199,22 @@ describe('FileVolume', () => {
     await v.close();
   });
 
+  it('passes ENOSPC through and turns unexpected errors into VolumeErrors', async () => {
+    const p = fresh();
+    const v = await FileVolume.open(p, { create: { size: 1 * MiB } });
+    const fh = (v as unknown as { fh: { write: (...a: unknown[]) => Promise<unknown>; datasync(): Promise<void> } }).fh;
+    const enospc = Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', errno: -28 });
+    const w = vi.spyOn(fh, 'write').mockRejectedValueOnce(enospc);
+    await expect(v.write(0, Buffer.alloc(4096))).rejects.toMatchObject({ name: 'VolumeError', code: 'ENOSPC' });
+    w.mockRejectedValueOnce(new TypeError('a bug'));
+    await expect(v.write(0, Buffer.alloc(4096))).rejects.toMatchObject({ name: 'VolumeError', code: 'EIO' });
+    vi.spyOn(fh, 'datasync').mockRejectedValueOnce(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+    await expect(v.flush()).rejects.toMatchObject({ name: 'VolumeError', code: 'EIO' });
+    w.mockRestore();
+    await v.write(0, Buffer.alloc(4096, 1));
+    await v.close();
+  });
+
   it('read-only volumes refuse writes with EROFS', async () => {
     const p = fresh();
     writeFileSync(p, Buffer.alloc(4096, 1));
