@@ -112,8 +112,10 @@ Attach with QEMU:
         await volume.flush();
         logger.info({ file }, 'flushed');
         await volume.close();
-        if (socket) await rm(socket, { force: true });
-        logger.info({ socket }, 'socket removed');
+        if (socket) {
+          await rm(socket, { force: true });
+          logger.info({ socket }, 'socket removed');
+        }
       };
       const exited = stopOnSignals(logger, stop);
       try {
@@ -129,7 +131,7 @@ Attach with QEMU:
         throw new Error(`cannot listen: ${(e as Error).message}`);
       }
       const exp = encodeURIComponent(opts.export);
-      logger.info({ file, size: volume.size, socket, tcp, export: opts.export, readOnly: volume.caps.readOnly || !!opts.readOnly, tls: tls?.mode ?? 'off' }, 'serving');
+      logger.info({ file, size: volume.size, listening: server.addresses, export: opts.export, readOnly: volume.caps.readOnly || !!opts.readOnly, tls: tls?.mode ?? 'off' }, 'serving');
       if (socket) process.stdout.write(`vstore: serving ${file} (${volume.size} bytes) on nbd+unix:///${exp}?socket=${socket}\n`);
       for (const a of server.addresses) {
         if (!('tcp' in a)) continue; // the port the system chose when --tcp said :0
