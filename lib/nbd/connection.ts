@@ -270,8 +270,21 @@ export class Connection {
   private send(b: Buffer): void {
     const s = this.socket;
     if (s.destroyed || !s.writable) return;
+    // Replies completing in the same event-loop turn (many reads finishing together at high
+    // queue depth) leave in one writev: cork on the first, uncork after the poll phase.
+    if (!this.corked && this.phase === 'transmission') {
+      this.corked = true;
+      s.cork();
+      setImmediate(this.uncork);
+    }
     s.write(b);
   }
+
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   // ------------------------------------------------------------------ control from the server
 
