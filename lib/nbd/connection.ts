@@ -158,6 +158,11 @@ export const MAX_OPTION_DATA = 64 * 1024;
 export const MAX_OPTION_DISCARD = 16 * 1024 * 1024;
 /** Unread replies queued on the socket above which the connection stops reading requests. */
 const WRITE_HIGH_WATER = 64 * 1024 * 1024;
+/**
+ * Payload bytes (read buffers, write payloads) held by one connection's requests in flight
+ * above which it stops reading new requests: 128 reads of 32 MiB must not pin 4 GiB.
+ */
+const INFLIGHT_BYTES_BUDGET = 64 * 1024 * 1024;
 /** Context id of base:allocation when selected. */
 export const BASE_ALLOCATION_ID = 1;
 /** Most extents sent in one block-status reply. */
@@ -628,7 +633,7 @@ export class Connection {
       this.doWrite(pw, payload);
       return true;
     }
-    if (this.inflight >= this.host.maxInflight || this.socket.writableLength > WRITE_HIGH_WATER) {
+    if (this.mustPause()) {
       this.paused = true;
       this.socket.pause();
       return false;
@@ -654,19 +659,31 @@ export class Connection {
 
   private maybeResume(): void {
     if (!this.paused || this.phase !== 'transmission') return;
-    if (this.inflight >= this.host.maxInflight || this.socket.writableLength > WRITE_HIGH_WATER) return;
+    if (this.mustPause()) return;
     this.paused = false;
     this.socket.resume();
     this.process();
   }
 
-  private begin(): void {
+  private mustPause(): boolean {
+    return (
+      this.inflight >= this.host.maxInflight ||
+      this.inflightBytes >= INFLIGHT_BYTES_BUDGET ||
+      this.socket.writableLength > WRITE_HIGH_WATER
+    );
+  }
+
+  private inflightBytes = 0;
+
+  private begin(bytes = 0): void {
     this.inflight++;
+    this.inflightBytes += bytes;
     this.exp!.begin();
   }
 
-  private end(): void {
+  private end(bytes = 0): void {
     this.inflight--;
+    this.inflightBytes -= bytes;
     this.exp!.end();
     if (this.inflight === 0) {
       if (this.idleWaiters.length > 0) {
@@ -824,17 +841,17 @@ export class Connection {
       return;
     }
     const fua = (r.flags & C.NBD_CMD_FLAG_FUA) !== 0;
-    this.begin();
+    this.begin(r.length);
     this.withFua(exp, 'write', r.offset, r.length, fua, (v) => v.write(r.offset, payload, { fua })).then(
       () => {
         exp.counters.writes++;
         exp.counters.bytesWritten += r.length;
         this.send(codec.encodeSimpleReply(0, r.handleHi, r.handleLo));
-        this.end();
+        this.end(r.length);
       },
       (e: unknown) => {
         this.replyVolumeError(r, e);
-        this.end();
+        this.end(r.length);
       },
     );
   }
@@ -856,7 +873,7 @@ export class Connection {
     // Reply header and data in one buffer: the volume fills the data part, one write sends all.
     const prefix = structured ? C.OFFSET_DATA_PREFIX : C.SIMPLE_REPLY_SIZE;
     const buf = Buffer.allocUnsafe(prefix + len);
-    this.begin();
+    this.begin(r.length);
     exp.volume.read(r.offset, buf.subarray(prefix)).then(
       () => {
         if (structured) codec.writeOffsetDataPrefix(buf, 0, C.NBD_REPLY_FLAG_DONE, r.handleHi, r.handleLo, r.offset, len);
@@ -864,11 +881,11 @@ export class Connection {
         exp.counters.reads++;
         exp.counters.bytesRead += len;
         this.send(buf);
-        this.end();
+        this.end(r.length);
       },
       (e: unknown) => {
         this.replyVolumeError(r, e, r.offset);
-        this.end();
+        this.end(r.length);
       },
     );
   }
@@ -878,7 +895,7 @@ export class Connection {
     const exp = this.exp!;
     const start = r.offset;
     const end = r.offset + r.length;
-    this.begin();
+    this.begin(r.length);
     exp.volume
       .run('read', start, r.length, async (v) => {
         const segs: Array<{ offset: number; length: number; zero: boolean }> = [];
@@ -928,11 +945,11 @@ export class Connection {
           if (writable) s.uncork();
           exp.counters.reads++;
           exp.counters.bytesRead += r.length;
-          this.end();
+          this.end(r.length);
         },
         (e: unknown) => {
           this.replyVolumeError(r, e, r.offset);
-          this.end();
+          this.end(r.length);
         },
       );
   }

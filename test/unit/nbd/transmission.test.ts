@@ -338,6 +338,22 @@ describe('concurrency', () => {
     expect(got).toEqual(new Set(handles));
   });
 
+  it('bounded in-flight bytes: big reads stop the reading at 64 MiB held, whatever the request count', async () => {
+    const g = gate();
+    h = await startHarness({
+      size: 512 * MiB,
+      hook: async (op) => {
+        if (op === 'read') await g.wait();
+      },
+    });
+    const c = await h.open({ structured: false });
+    for (let i = 0; i < 6; i++) c.send(C.NBD_CMD_READ, i * 32 * MiB, 32 * MiB);
+    await sleep(200);
+    expect(g.waiting()).toBe(2);
+    g.open();
+    for (let i = 0; i < 6; i++) expect((await c.reply(20000)).data!.length).toBe(32 * MiB);
+  });
+
   it('a client vanishing mid-payload or with requests in flight does not disturb others or leak', async () => {
     const g = gate();
     h = await startHarness({
