@@ -53,7 +53,9 @@ export class Channel {
   private onReady(status: number, _events: number): void {
     if (this.closed) return;
     if (status < 0) {
-      this.close(new Error(`vhost-user socket error (libuv status ${status})`));
+      // libuv reports POLLERR as EBADF (-9): on a unix socket that is the peer resetting the
+      // connection (it closed with our messages unread).
+      this.close(new Error(status === -9 ? 'vhost-user connection reset by peer' : `vhost-user socket error (libuv status ${status})`));
       return;
     }
     try {

@@ -46,7 +46,10 @@ export interface Element {
   writable: Buffer[];
   readableLen: number;
   writableLen: number;
-  /** Every device-writable buffer is mapped: `writable` covers all writableLen bytes, so its last byte is the chain's last. */
+  /**
+   * The last non-empty device-writable buffer is mapped, so the last byte of `writable` is the
+   * chain's last device-writable byte (where virtio-blk puts its status).
+   */
   writableMapped: boolean;
   /** Set when a buffer of this chain is unusable; the device should fail the request. */
   error?: string;
@@ -164,9 +167,11 @@ export class SplitRing {
       if (flags & VRING_DESC_F_WRITE) {
         sawWrite = true;
         el.writableLen += len;
-        if (el.writableMapped && (hi >= 0x200000 || !this.mem.guestViews(addr, len, el.writable))) {
-          el.writableMapped = false;
-          el.error ??= `device-writable buffer 0x${addr.toString(16)}+${len} outside guest memory`;
+        if (len > 0) {
+          // Later writable buffers are still mapped: the status byte of a block request lives in
+          // the last one, and can carry the error of an earlier one.
+          el.writableMapped = hi < 0x200000 && this.mem.guestViews(addr, len, el.writable);
+          if (!el.writableMapped) el.error ??= `device-writable buffer 0x${addr.toString(16)}+${len} outside guest memory`;
         }
       } else if (sawWrite) {
         el.error ??= 'device-readable descriptor after a device-writable one';

@@ -137,7 +137,7 @@ export class VhostUserFrontend {
   closed = false;
 
   private readonly opts: Required<FrontendOptions>;
-  private readonly memFd: number;
+  private memFd: number;
   private ch!: Channel;
   private inbox: Message[] = [];
   private inboxWaiter: (() => void) | null = null;
@@ -231,6 +231,11 @@ export class VhostUserFrontend {
   /** Sends a message as is (tests of bad input). */
   send(request: number, payload?: Uint8Array, fds?: number[], flags = 0): void {
     this.ch.send(request, flags, payload, fds);
+  }
+
+  /** Sends bytes as they are (a malformed header, say), with fds. */
+  sendRaw(bytes: Uint8Array, fds?: number[]): void {
+    this.n.sendMsg(this.ch.fd, bytes, fds);
   }
 
   /** The next message from the back end. */
@@ -398,12 +403,13 @@ export class VhostUserFrontend {
     view.setUint16(o + 14, d.next ?? 0, true);
   }
 
-  /** Waits for a free slot and enough descriptors on queue q. */
-  private async reserve(q: DriverQueue, descs: number): Promise<void> {
+  /** Waits for a free slot and enough descriptors on queue q; returns the slot (taken). */
+  private async reserve(q: DriverQueue, descs: number): Promise<number> {
     while (q.freeSlots.length === 0 || q.freeDescs.length < descs) {
       if (this.closed) throw this.closedError!;
       await new Promise<void>((r) => q.waiters.push(r));
     }
+    return q.freeSlots.pop()!;
   }
 
   /**
@@ -485,8 +491,7 @@ export class VhostUserFrontend {
     const q = this.queues[opts.queue ?? 0]!;
     const dlen = opts.data?.length ?? opts.readLen ?? 0;
     if (dlen > this.maxIo) throw new Error(`request of ${dlen} bytes > maxIo ${this.maxIo}`);
-    await this.reserve(q, dlen > 0 ? 3 : 2);
-    const slot = q.freeSlots.pop()!;
+    const slot = await this.reserve(q, dlen > 0 ? 3 : 2);
     const base = this.slotAddr(q, slot);
     this.mem.writeUInt32LE(type, base);
     this.mem.writeUInt32LE(0, base + 4);
@@ -555,5 +560,6 @@ export class VhostUserFrontend {
       q.kickFd = q.callFd = -1;
     }
     closeQuietly(this.n, this.memFd);
+    this.memFd = -1;
   }
 }

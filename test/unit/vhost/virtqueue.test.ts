@@ -145,16 +145,20 @@ describe('SplitRing', () => {
     h.desc(4, GPA + DATA, 1, VRING_DESC_F_WRITE);
     h.desc(5, GPA + DATA + 200, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 6);
     h.desc(6, GPA + DATA, 16, 0); // readable after writable
-    h.avail([0, 3, 5]);
+    h.desc(7, GPA + RAM, 1, VRING_DESC_F_WRITE); // just past the end
+    h.avail([0, 3, 5, 7]);
     const a = h.ring.pop()!;
     expect(a.error).toMatch(/outside guest memory/);
-    expect(a.writableMapped).toBe(false);
+    expect(a.writableMapped).toBe(true); // the last writable buffer is fine
+    expect(a.writable.map((v) => v.length)).toEqual([1]);
     const b = h.ring.pop()!;
     expect(b.error).toMatch(/outside guest memory/);
     expect(b.writableMapped).toBe(true);
     expect(b.writable).toHaveLength(1);
     const c = h.ring.pop()!;
     expect(c.error).toMatch(/readable descriptor after a device-writable/);
+    const d = h.ring.pop()!;
+    expect(d.writableMapped).toBe(false);
     expect(h.ring.pop()).toBeNull();
   });
 
