@@ -8,8 +8,9 @@
 #   RUNTIME=5 ROUNDS=3 bash bench/nbd.sh # shorter runs, median of 3
 #   SERVERS="vstore nbdkit" WORKLOADS="randread" bash bench/nbd.sh
 #
-# Writes bench/out/raw/*.json (fio output), bench/out/results.json, bench/nbd.svg, and prints
-# a table (bench/chart.mjs). Needs `npm run build` first (vstore runs from dist/).
+# Writes bench/out/raw/*.json (fio output), bench/out/results.json and bench/nbd.svg (OUT= and
+# SVG= move them) and prints a table (bench/chart.mjs). Needs `npm run build` first (vstore runs
+# from dist/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -21,6 +22,7 @@ SIZE_MIB=${SIZE_MIB:-1024}
 SERVERS=${SERVERS:-"vstore nbdkit qemu-nbd"}
 WORKLOADS=${WORKLOADS:-"randread randwrite seqread"}
 OUT=${OUT:-$ROOT/bench/out}
+SVG=${SVG:-$ROOT/bench/nbd.svg}
 WORK=${BENCH_DIR:-${TMPDIR:-/tmp}/vstore-bench}
 
 for cmd in fio nbdkit qemu-nbd nbdinfo node; do
@@ -106,5 +108,5 @@ for w in "${WL[@]}"; do
   done
 done
 
-node "$ROOT/bench/chart.mjs" --raw "$OUT/raw" --json "$OUT/results.json" --svg "$ROOT/bench/nbd.svg" \
+node "$ROOT/bench/chart.mjs" --raw "$OUT/raw" --json "$OUT/results.json" --svg "$SVG" \
   --runtime "$RUNTIME" --rounds "$ROUNDS" --size-mib "$SIZE_MIB"
