@@ -132,6 +132,10 @@ export async function startNbdServer(opts: NbdServerOptions): Promise<NbdServer>
   live.add(srv);
   if (!hooked) {
     hooked = true;
+    // Last resort when the worker exits without running hooks.
+    process.once('exit', () => {
+      for (const s of live) s.child.kill('SIGKILL');
+    });
     // A test that failed before stop(): do not leak the process.
     afterAll(() => {
       for (const s of live) s.child.kill('SIGKILL');
@@ -219,9 +223,11 @@ export async function startVstoreDaemon(config: Record<string, unknown>): Promis
       if (res.code !== 0) throw new Error(`vstore serve did not exit cleanly on SIGTERM: ${JSON.stringify(res)}\n${err}`);
     },
   };
-  afterAll(() => {
+  const kill = () => {
     if (!exited) child.kill('SIGKILL');
-  });
+  };
+  afterAll(kill);
+  process.once('exit', kill);
   return d;
 }
 
