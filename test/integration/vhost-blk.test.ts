@@ -12,7 +12,7 @@ import { BlkStatus, BlkType, VirtioBlkDevice } from '../../lib/vhost/blk.js';
 import { encodeU64, encodeVringState, Req } from '../../lib/vhost/protocol.js';
 import { VhostUserServer } from '../../lib/vhost/server.js';
 import { VRING_DESC_F_NEXT, VRING_DESC_F_WRITE } from '../../lib/vhost/virtqueue.js';
-import { MiB, patterned, requireCommands, sparseImage, tempDir } from '../helpers/index.js';
+import { MiB, patterned, REPO_ROOT, requireCommands, sparseImage, tempDir } from '../helpers/index.js';
 import { VhostUserFrontend, type FrontendOptions } from '../helpers/vhost-frontend.js';
 
 const SIZE = 32 * MiB;
@@ -370,5 +370,43 @@ describe('vstore vhost-user-blk back end under bad input', () => {
     } finally {
       fe.close();
     }
+  });
+});
+
+describe('vstore vhost-blk command (built CLI in dist/)', () => {
+  it('serves an image until SIGTERM, then flushes, removes the socket and exits 0', async () => {
+    const cli = path.join(REPO_ROOT, 'dist/lib/vhost/cli.js');
+    if (!existsSync(cli)) throw new Error('vstore is not built (dist/lib/vhost/cli.js missing): run `npm run build`');
+    const dir = tempDir('vst-vucli-');
+    const image = path.join(dir, 'disk.img');
+    sparseImage(image, 8 * MiB);
+    const socket = path.join(dir, 'cli.sock');
+    const code = `import { vhostBlkCommand } from ${JSON.stringify(cli)}; await vhostBlkCommand().parseAsync(process.argv.slice(1), { from: "user" });`;
+    const child = spawn(process.execPath, ['--input-type=module', '-e', code, image, '--socket', socket, '--queues', '2', '--serial', 'cli-disk'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let log = '';
+    child.stderr!.on('data', (b: Buffer) => (log += b));
+    const exited = new Promise<number | null>((r) => child.once('exit', (c) => r(c)));
+    try {
+      const deadline = Date.now() + 15_000;
+      while (!existsSync(socket)) {
+        if (child.exitCode !== null || Date.now() > deadline) throw new Error(`vhost-blk did not start: ${log}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const fe = await connect({ socket, numQueues: 2 });
+      try {
+        expect(fe.config.capacity).toBe(BigInt((8 * MiB) / 512));
+        expect((await fe.getId()).id).toBe('cli-disk');
+        expect(await fe.write(16, patterned(8192, 5), 1)).toBe(BlkStatus.OK);
+      } finally {
+        fe.close();
+      }
+    } finally {
+      child.kill('SIGTERM');
+    }
+    expect(await exited, log).toBe(0);
+    expect(existsSync(socket)).toBe(false);
+    expect(readFileSync(image).subarray(16 * 512, 16 * 512 + 8192).equals(patterned(8192, 5))).toBe(true);
   });
 });
