@@ -39,8 +39,11 @@ export interface NativeAddon {
    * came with them (SCM_RIGHTS, close-on-exec) are pushed onto `fdsOut`; the caller owns them.
    */
   recvMsg(fd: number, buf: Uint8Array, fdsOut: number[]): number;
-  /** Sends all of `buf`, with `fds` (SCM_RIGHTS) attached to its first byte; waits up to 5 s for room. */
-  sendMsg(fd: number, buf: Uint8Array, fds?: number[]): number;
+  /**
+   * Sends all of `buf`, with `fds` (SCM_RIGHTS) attached to its first byte. When the socket is
+   * full it waits up to `waitMs` (default 0) for room, then throws EAGAIN.
+   */
+  sendMsg(fd: number, buf: Uint8Array, fds?: number[], waitMs?: number): number;
   /** A non-blocking, close-on-exec eventfd. */
   eventfd(): number;
   /** Reads (and resets) an eventfd counter: 0 when it was already 0. */

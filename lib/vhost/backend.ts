@@ -46,6 +46,9 @@ export const VIRTIO_RING_F_INDIRECT_DESC = 28;
 export const VIRTIO_RING_F_EVENT_IDX = 29;
 export const VIRTIO_F_VERSION_1 = 32;
 
+/** Messages received and not yet handled, at most (then the socket is not read). */
+const MAX_QUEUED = 32;
+
 /** Memory slots offered with CONFIGURE_MEM_SLOTS (libvhost-user offers 32 too). */
 export const MAX_MEM_SLOTS = 32;
 
@@ -118,6 +121,7 @@ export class VhostUserBackend {
   private features = 0n;
   private protocolFeatures = 0n;
   private chain: Promise<void> = Promise.resolve();
+  private queued = 0;
   private notifyScheduled = false;
   private closed = false;
   private readonly onClosed?: (err?: Error) => void;
@@ -152,9 +156,14 @@ export class VhostUserBackend {
 
   // ---- messages ---------------------------------------------------------------------------
 
-  /** Messages are handled one at a time, in order (some wait for a ring to drain). */
+  /**
+   * Messages are handled one at a time, in order (some wait for a ring to drain). At most
+   * MAX_QUEUED wait: beyond that the socket is not read until they are handled.
+   */
   private enqueue(m: Message): void {
+    if (++this.queued >= MAX_QUEUED) this.ch.pause();
     this.chain = this.chain.then(async () => {
+      if (--this.queued < MAX_QUEUED) this.ch.resume();
       if (this.closed) {
         for (const f of m.fds) closeQuietly(this.n, f);
         return;
@@ -391,6 +400,13 @@ export class VhostUserBackend {
       const userAddr = toNum(r.userAddr, 'user address');
       const off = toNum(r.mmapOffset, 'mmap offset');
       if (size === 0) throw new ProtocolError('empty memory region');
+      // Touching a mapping past the end of its file raises SIGBUS, which would kill the process:
+      // the region must lie within the file as it is now. (A front end that shrinks the file
+      // later can still do that; QEMU seals its memfds against shrinking.)
+      const fileSize = this.n.fdSize(fd);
+      if (off + size > fileSize) {
+        throw new ProtocolError(`memory region ${off}+${size} past the end of its file (${fileSize} bytes)`);
+      }
       const ab = this.n.mmapShared(fd, off, size, CHUNK_SIZE);
       return { guestAddr, userAddr, size, chunks: ab.map((b) => new Uint8Array(b)) };
     } finally {

@@ -19,6 +19,7 @@ export class Channel {
   private readonly reader = new MessageReader();
   private watcher: NativeFdWatcher | null;
   private closed = false;
+  private paused = false;
   private handlers: ChannelHandlers;
 
   constructor(n: NativeAddon, fd: number, handlers: ChannelHandlers) {
@@ -33,10 +34,28 @@ export class Channel {
     return this.closed;
   }
 
-  /** Sends one message (header + payload) with fds attached to its first byte. */
-  send(request: number, flags: number, payload?: Uint8Array, fds?: number[]): void {
+  /**
+   * Sends one message (header + payload) with fds attached to its first byte. `waitMs`: how
+   * long to wait for room in a full socket (0: a peer that does not read is an error).
+   */
+  send(request: number, flags: number, payload?: Uint8Array, fds?: number[], waitMs = 0): void {
     if (this.closed) throw new Error('vhost-user channel closed');
-    this.n.sendMsg(this.fd, encodeMessage(request, flags, payload), fds);
+    this.n.sendMsg(this.fd, encodeMessage(request, flags, payload), fds, waitMs);
+  }
+
+  /** Stops reading (backpressure: the receiver has too many messages queued). */
+  pause(): void {
+    if (!this.closed && !this.paused) {
+      this.paused = true;
+      this.watcher?.stop();
+    }
+  }
+
+  resume(): void {
+    if (!this.closed && this.paused) {
+      this.paused = false;
+      this.watcher?.start();
+    }
   }
 
   /** Stops reading, closes the socket and any fds of a partial message; calls onClose(err). */
@@ -60,7 +79,7 @@ export class Channel {
     }
     try {
       // Read until the socket is empty (or a bounded number of messages, to stay fair).
-      for (let i = 0; i < 256 && !this.closed; i++) {
+      for (let i = 0; i < 256 && !this.closed && !this.paused; i++) {
         const fds: number[] = [];
         const r = this.n.recvMsg(this.fd, this.reader.want(), fds);
         if (r < 0) return;

@@ -208,9 +208,10 @@ Napi::Value RecvMsg(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(n));
 }
 
-// sendMsg(fd, buf, fds?): sends all of buf, the fds (SCM_RIGHTS) with its first byte. Control
-// messages are small: when the socket buffer is full it waits (poll, at most 5 s) instead of
-// queueing. Returns the byte count.
+// sendMsg(fd, buf, fds?, waitMs = 0): sends all of buf, the fds (SCM_RIGHTS) with its first
+// byte. Control messages are small: when the socket buffer is full it waits up to waitMs (poll)
+// for room, then fails with EAGAIN — a peer that does not read its replies is not allowed to
+// stall the event loop (the back end passes 0 and closes such a connection). Returns the byte count.
 Napi::Value SendMsg(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd;
@@ -231,6 +232,8 @@ Napi::Value SendMsg(const Napi::CallbackInfo& info) {
       fds[nfd++] = f;
     }
   }
+  uint64_t waitMs = 0;
+  if (info.Length() > 3 && !info[3].IsUndefined() && !ArgU64(info, 3, &waitMs)) return TypeErr(env, "waitMs must be a non-negative integer");
   size_t sent = 0;
   bool first = true;
   while (sent < len || first) {
@@ -254,8 +257,8 @@ Napi::Value SendMsg(const Napi::CallbackInfo& info) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
         pollfd p{fd, POLLOUT, 0};
-        int r = poll(&p, 1, 5000);
-        if (r == 0) return Throw(env, ETIMEDOUT, "sendmsg");
+        int r = waitMs > 0 ? poll(&p, 1, static_cast<int>(waitMs > 60000 ? 60000 : waitMs)) : 0;
+        if (r == 0) return Throw(env, EAGAIN, "sendmsg(peer not reading)");
         continue;
       }
       return Throw(env, errno, "sendmsg");

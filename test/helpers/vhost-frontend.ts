@@ -230,12 +230,18 @@ export class VhostUserFrontend {
 
   /** Sends a message as is (tests of bad input). */
   send(request: number, payload?: Uint8Array, fds?: number[], flags = 0): void {
-    this.ch.send(request, flags, payload, fds);
+    this.ch.send(request, flags, payload, fds, 5000);
   }
 
   /** Sends bytes as they are (a malformed header, say), with fds. */
-  sendRaw(bytes: Uint8Array, fds?: number[]): void {
-    this.n.sendMsg(this.ch.fd, bytes, fds);
+  sendRaw(bytes: Uint8Array, fds?: number[], waitMs = 5000): void {
+    this.n.sendMsg(this.ch.fd, bytes, fds, waitMs);
+  }
+
+  /** Stops (or resumes) reading the back end's messages: tests of a front end that does not read. */
+  reading(on: boolean): void {
+    if (on) this.ch.resume();
+    else this.ch.pause();
   }
 
   /** The next message from the back end. */

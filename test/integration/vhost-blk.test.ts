@@ -9,7 +9,7 @@ import { FileVolume } from '../../lib/block/file.js';
 import { MemoryVolume } from '../../lib/block/memory.js';
 import { silentLogger } from '../../lib/log.js';
 import { BlkStatus, BlkType, VirtioBlkDevice } from '../../lib/vhost/blk.js';
-import { encodeU64, encodeVringState, Req } from '../../lib/vhost/protocol.js';
+import { encodeMemTable, encodeMessage, encodeU64, encodeVringState, Req } from '../../lib/vhost/protocol.js';
 import { VhostUserServer } from '../../lib/vhost/server.js';
 import { VRING_DESC_F_NEXT, VRING_DESC_F_WRITE } from '../../lib/vhost/virtqueue.js';
 import { MiB, patterned, REPO_ROOT, requireCommands, sparseImage, tempDir } from '../helpers/index.js';
@@ -300,6 +300,11 @@ describe('vstore vhost-user-blk back end under bad input', () => {
       ['queue size not a power of two', (fe) => fe.send(Req.SET_VRING_NUM, encodeVringState({ index: 0, num: 100 }))],
       ['a GET with an fd', (fe) => fe.send(Req.GET_FEATURES, undefined, [fe.n.eventfd()])],
       ['a header with a wrong version', (fe) => fe.sendRaw(Buffer.from([1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]))],
+      ['a memory region past the end of its memfd', (fe) => {
+        const small = fe.n.memfdCreate('small', 4096);
+        fe.send(Req.SET_MEM_TABLE, encodeMemTable([{ guestAddr: 0n, size: 1n << 30n, userAddr: 1n << 40n, mmapOffset: 0n }]), [small]);
+        fe.n.closeFd(small);
+      }],
       ['a payload size past the limit', (fe) => fe.sendRaw(Buffer.from([1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0]))],
     ];
     for (const [name, act] of bad) {
@@ -313,6 +318,37 @@ describe('vstore vhost-user-blk back end under bad input', () => {
       }
       await be.server.idle();
     }
+    const ok = await connect({ socket: be.socket });
+    try {
+      await healthy(ok);
+    } finally {
+      ok.close();
+    }
+  });
+
+  it('closes a front end that floods requests and never reads the replies, without stalling', async () => {
+    const fe = VhostUserFrontend.raw({ socket: be.socket });
+    const chunk = Buffer.concat(Array.from({ length: 200 }, () => encodeMessage(Req.GET_FEATURES, 0)));
+    const started = Date.now();
+    fe.reading(false);
+    try {
+      for (let i = 0; i < 5000 && !fe.closed; i++) {
+        try {
+          fe.sendRaw(chunk, undefined, 0);
+        } catch {
+          // our side is full too: let the back end run
+        }
+        await new Promise((r) => setImmediate(r));
+        if (i % 50 === 49 && !be.server.connected) break;
+      }
+      expect(be.server.connected).toBe(false); // the back end gave up on it
+      fe.reading(true);
+      await fe.whenClosed();
+    } finally {
+      fe.close();
+    }
+    expect(Date.now() - started).toBeLessThan(20_000);
+    await be.server.idle();
     const ok = await connect({ socket: be.socket });
     try {
       await healthy(ok);
