@@ -17,12 +17,14 @@ import { CHUNK_SIZE, GuestMemory, MemoryError, type Region } from './memory.js';
 import {
   bit,
   decodeConfig,
+  decodeInflight,
   decodeMemRegionMsg,
   decodeMemTable,
   decodeU64,
   decodeVringAddr,
   decodeVringState,
   encodeConfig,
+  encodeInflight,
   encodeU64,
   encodeVringState,
   F_PROTOCOL_FEATURES,
@@ -39,6 +41,7 @@ import {
   type VringAddr,
 } from './protocol.js';
 import { MAX_QUEUE_SIZE, ringSizes, RingError, SplitRing, type Element } from './virtqueue.js';
+import { inflightBytes, inflightQueueBytes, InflightQueue } from './inflight.js';
 
 /** Virtio feature bits common to every device. */
 export const VIRTIO_F_NOTIFY_ON_EMPTY = 24;
@@ -77,7 +80,7 @@ export interface VhostUserDevice {
 
 /** The protocol features the transport itself implements. */
 export const TRANSPORT_PROTOCOL_FEATURES =
-  bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE);
+  bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD);
 
 /** Largest integer address accepted from the front end (addresses are kept as JS numbers). */
 function toNum(v: bigint, what: string): number {
@@ -98,6 +101,10 @@ class Queue {
   ring: SplitRing | null = null;
   kickWatcher: NativeFdWatcher | null = null;
   inflight = 0;
+  /** The queue's part of the inflight area (INFLIGHT_SHMFD), while the ring runs. */
+  track: InflightQueue | null = null;
+  /** Heads recovered from the inflight area, to run before new available entries. */
+  resubmit: number[] = [];
   /** Used entries pushed since the last notification check. */
   dirty = false;
   drained: (() => void) | null = null;
@@ -118,6 +125,8 @@ export class VhostUserBackend {
   private readonly ch: Channel;
   private readonly queues: Queue[];
   private mem = new GuestMemory();
+  /** The inflight area (GET/SET_INFLIGHT_FD): one part per queue of `queueSize` entries. */
+  private inflightArea: { chunks: Uint8Array[]; numQueues: number; queueSize: number } | null = null;
   private features = 0n;
   private protocolFeatures = 0n;
   private chain: Promise<void> = Promise.resolve();
@@ -366,6 +375,36 @@ export class VhostUserBackend {
         this.ack(m, true);
         return;
       }
+      case Req.GET_INFLIGHT_FD: {
+        const req = decodeInflight(p);
+        this.checkInflightGeometry(req.numQueues, req.queueSize);
+        const size = inflightBytes(req.numQueues, req.queueSize);
+        const fd = this.n.memfdCreate('vstore-inflight', size);
+        try {
+          this.inflightArea = { chunks: this.mapInflight(fd, size, req.queueSize), numQueues: req.numQueues, queueSize: req.queueSize };
+          this.reply(m, encodeInflight({ mmapSize: BigInt(size), mmapOffset: 0n, numQueues: req.numQueues, queueSize: req.queueSize }), [fd]);
+        } finally {
+          closeQuietly(this.n, fd);
+        }
+        return;
+      }
+      case Req.SET_INFLIGHT_FD: {
+        this.fdCount(m, 1);
+        const fd = m.fds[0]!;
+        try {
+          const req = decodeInflight(p);
+          this.checkInflightGeometry(req.numQueues, req.queueSize);
+          const size = inflightBytes(req.numQueues, req.queueSize);
+          if (req.mmapSize < BigInt(size)) throw new ProtocolError(`inflight area of ${req.mmapSize} bytes, need ${size}`);
+          const off = toNum(req.mmapOffset, 'inflight offset');
+          if (off + size > this.n.fdSize(fd)) throw new ProtocolError('inflight area past the end of its file');
+          this.inflightArea = { chunks: this.mapInflight(fd, size, req.queueSize, off), numQueues: req.numQueues, queueSize: req.queueSize };
+        } finally {
+          closeQuietly(this.n, fd);
+        }
+        this.ack(m, true);
+        return;
+      }
       case Req.GET_CONFIG: {
         const c = decodeConfig(p);
         const data = Buffer.alloc(c.data.length);
@@ -436,6 +475,21 @@ export class VhostUserBackend {
     this.remapRings();
   }
 
+  private checkInflightGeometry(numQueues: number, queueSize: number): void {
+    if (numQueues < 1 || numQueues > this.queues.length) throw new ProtocolError(`inflight area for ${numQueues} queues`);
+    if (queueSize < 1 || queueSize > MAX_QUEUE_SIZE || (queueSize & (queueSize - 1)) !== 0) {
+      throw new ProtocolError(`inflight area for queues of ${queueSize}`);
+    }
+  }
+
+  /** Maps the inflight area: one view per queue. */
+  private mapInflight(fd: number, size: number, queueSize: number, off = 0): Uint8Array[] {
+    const [ab] = this.n.mmapShared(fd, off, size, CHUNK_SIZE);
+    const all = new Uint8Array(ab!);
+    const per = inflightQueueBytes(queueSize);
+    return Array.from({ length: size / per }, (_, i) => all.subarray(i * per, (i + 1) * per));
+  }
+
   // ---- rings --------------------------------------------------------------------------------
 
   private buildRing(q: Queue, lastAvail: number, usedIdx?: number): SplitRing {
@@ -475,6 +529,7 @@ export class VhostUserBackend {
       } catch (e) {
         throw e instanceof RingError ? new ProtocolError(e.message) : e;
       }
+      this.recoverInflight(q, q.ring);
     }
     q.kickWatcher = new this.n.FdWatcher(kickFd, (status) => {
       if (status < 0) this.ringFailed(q, new Error(`kick fd error (libuv status ${status})`));
@@ -482,6 +537,30 @@ export class VhostUserBackend {
     }, { eventfd: true });
     q.kickWatcher.start();
     this.process(q);
+  }
+
+  /**
+   * With an inflight area, the area (not SET_VRING_BASE) says where the ring stands: chains
+   * popped by a previous back end and never completed are run again, first.
+   */
+  private recoverInflight(q: Queue, ring: SplitRing): void {
+    q.track = null;
+    q.resubmit = [];
+    const area = this.inflightArea;
+    if (area === null) return;
+    const chunk = area.chunks[q.index];
+    if (chunk === undefined || area.queueSize !== q.size) {
+      this.log.warn({ queue: q.index, size: q.size, inflightSize: area.queueSize }, 'vhost-user: inflight area does not fit the queue; not tracking it');
+      return;
+    }
+    const track = new InflightQueue(chunk, q.size);
+    const rec = track.recover(ring.usedIdx, this.features);
+    if (!rec.fresh && rec.lastAvail !== ring.lastAvail) {
+      this.log.info({ queue: q.index, base: ring.lastAvail, recovered: rec.lastAvail, resubmit: rec.resubmit.length }, 'vhost-user: resuming from the inflight area');
+    }
+    if (!rec.fresh) ring.lastAvail = rec.lastAvail;
+    q.track = track;
+    q.resubmit = rec.resubmit;
   }
 
   private stopWatching(q: Queue): void {
@@ -501,6 +580,8 @@ export class VhostUserBackend {
     this.flushNotify();
     const base = ring?.lastAvail ?? q.base;
     q.ring = null;
+    q.track = null;
+    q.resubmit = [];
     q.base = base;
     closeQuietly(this.n, q.kickFd);
     q.kickFd = -1;
@@ -525,6 +606,8 @@ export class VhostUserBackend {
     const ring = q.ring;
     if (ring === null || !q.enabled || this.closed) return;
     try {
+      // Recovered requests first, in their original order (they are already marked inflight).
+      for (const head of q.resubmit.splice(0)) this.dispatch(q, ring.chain(head), true);
       ring.disableNotify();
       for (;;) {
         let el: Element | null;
@@ -536,8 +619,9 @@ export class VhostUserBackend {
     }
   }
 
-  private dispatch(q: Queue, el: Element): void {
+  private dispatch(q: Queue, el: Element, resubmitted = false): void {
     q.inflight++;
+    if (!resubmitted) q.track?.get(el.head);
     let r: Promise<number> | number;
     try {
       r = this.dev.handle(q.index, el);
@@ -565,7 +649,10 @@ export class VhostUserBackend {
     // closed connection the entry is dropped.
     const cur = q.ring;
     if (cur !== null && !this.closed) {
+      const t = q.track;
+      t?.prePut(head);
       cur.push(head, len);
+      t?.postPut(head, cur.usedIdx);
       q.dirty = true;
       this.scheduleNotify();
     }
@@ -621,6 +708,7 @@ export class VhostUserBackend {
     for (const q of this.queues) {
       this.stopWatching(q);
       q.ring = null;
+      q.track = null;
       for (const f of [q.kickFd, q.callFd, q.errFd]) closeQuietly(this.n, f);
       q.kickFd = q.callFd = q.errFd = -1;
       const d = q.drained;
@@ -628,6 +716,7 @@ export class VhostUserBackend {
       d?.();
     }
     this.mem = new GuestMemory();
+    this.inflightArea = null;
     try {
       this.dev.reset();
     } catch (e) {

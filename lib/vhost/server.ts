@@ -101,6 +101,18 @@ export class VhostUserServer {
     }
   }
 
+  /**
+   * Drops the current front end's connection (as a crash of the back end would look to it);
+   * the next connection is accepted. Requests in flight finish, unanswered.
+   */
+  disconnect(): Promise<void> {
+    const b = this.backend;
+    if (b === null) return Promise.resolve();
+    const gone = this.idle();
+    b.close(new Error('disconnected by the server'));
+    return gone;
+  }
+
   /** Stops listening, disconnects the front end and removes the socket. */
   async close(): Promise<void> {
     if (this.stopped) return;

@@ -130,6 +130,11 @@ export class SplitRing {
     return this.walk(head);
   }
 
+  /** The chain at `head` (resubmission of an inflight request after a restart). */
+  chain(head: number): Element {
+    return this.walk(head);
+  }
+
   private walk(head: number): Element {
     if (head >= this.size) throw new RingError(`head ${head} >= queue size ${this.size}`);
     const el: Element = { head, readable: [], writable: [], readableLen: 0, writableLen: 0, writableMapped: true };

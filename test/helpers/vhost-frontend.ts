@@ -17,6 +17,7 @@ import {
   decodeU64,
   decodeVringState,
   encodeConfig,
+  encodeInflight,
   encodeMemRegionMsg,
   encodeMemTable,
   encodeU64,
@@ -56,6 +57,12 @@ export interface FrontendOptions {
   replyAck?: boolean;
   /** Milliseconds to wait for a reply. */
   timeoutMs?: number;
+  /**
+   * Negotiate INFLIGHT_SHMFD when offered (GET_INFLIGHT_FD at start, SET_INFLIGHT_FD after a
+   * reconnect), and keep requests pending across a lost connection, as QEMU does with
+   * `-chardev socket,reconnect=N`: call reconnect() and they complete on the new back end.
+   */
+  inflight?: boolean;
 }
 
 /** A descriptor as written, for tests of bad chains. */
@@ -144,6 +151,12 @@ export class VhostUserFrontend {
   private readonly slotBase: number;
   private readonly slotSize: number;
   private closeWaiters: (() => void)[] = [];
+  /** The inflight area's fd (INFLIGHT_SHMFD), kept for a reconnect; -1 when not negotiated. */
+  inflightFd = -1;
+  private inflightMsg: Buffer | null = null;
+  private shuttingDown = false;
+  /** Connections made (1 + reconnects). */
+  connections = 0;
 
   private constructor(o: FrontendOptions) {
     this.n = native();
@@ -157,6 +170,7 @@ export class VhostUserFrontend {
       memSlots: false,
       replyAck: true,
       timeoutMs: 10_000,
+      inflight: false,
       ...o,
     };
     this.maxIo = this.opts.maxIo;
@@ -179,6 +193,7 @@ export class VhostUserFrontend {
     try {
       fe.open();
       await fe.negotiate();
+      await fe.setupInflight();
       await fe.setupMemory();
       for (const q of fe.queues) await fe.startQueue(q);
     } catch (e) {
@@ -197,9 +212,14 @@ export class VhostUserFrontend {
 
   private open(): void {
     const fd = this.n.unixConnect(this.opts.socket);
+    this.connections++;
     this.ch = new Channel(this.n, fd, {
       onMessage: (m) => {
-        for (const f of m.fds) closeQuietly(this.n, f);
+        // Only the inflight area comes with an fd; whatever else a back end sends is closed.
+        if (m.request !== Req.GET_INFLIGHT_FD) {
+          for (const f of m.fds) closeQuietly(this.n, f);
+          m.fds = [];
+        }
         this.inbox.push(m);
         this.inboxWaiter?.();
       },
@@ -213,6 +233,7 @@ export class VhostUserFrontend {
     for (const q of this.queues) {
       q.watcher?.close();
       q.watcher = null;
+      if (this.inflightFd >= 0 && !this.shuttingDown) continue; // kept for reconnect()
       for (const p of q.pending.values()) p.reject(this.closedError);
       q.pending.clear();
     }
@@ -295,6 +316,7 @@ export class VhostUserFrontend {
     const pOffered = decodeU64(await this.get(Req.GET_PROTOCOL_FEATURES));
     let want = bit(PF.MQ) | bit(PF.CONFIG) | bit(PF.REPLY_ACK);
     if (this.opts.memSlots) want |= bit(PF.CONFIGURE_MEM_SLOTS);
+    if (this.opts.inflight) want |= bit(PF.INFLIGHT_SHMFD);
     this.protocolFeatures = pOffered & want;
     if (!(this.protocolFeatures & bit(PF.CONFIG))) throw new Error('back end without the CONFIG protocol feature');
     await this.set(Req.SET_PROTOCOL_FEATURES, encodeU64(this.protocolFeatures));
@@ -317,6 +339,41 @@ export class VhostUserFrontend {
     await this.set(Req.SET_FEATURES, encodeU64(f));
   }
 
+  /** GET_INFLIGHT_FD on the first start, SET_INFLIGHT_FD with the same area on every start. */
+  private async setupInflight(): Promise<void> {
+    if (!(this.protocolFeatures & bit(PF.INFLIGHT_SHMFD))) return;
+    if (this.inflightFd < 0) {
+      this.send(Req.GET_INFLIGHT_FD, encodeInflight({ mmapSize: 0n, mmapOffset: 0n, numQueues: this.queues.length, queueSize: this.opts.queueSize }));
+      const r = await this.receive();
+      if (r.request !== Req.GET_INFLIGHT_FD || r.fds.length !== 1) throw new Error('bad GET_INFLIGHT_FD reply');
+      this.inflightFd = r.fds[0]!;
+      this.inflightMsg = r.payload;
+    }
+    await this.set(Req.SET_INFLIGHT_FD, this.inflightMsg!, [this.inflightFd]);
+  }
+
+  /**
+   * After the back end went away (crash, restart): connect again and restart every queue where
+   * the guest's rings stand — base = used->idx, as QEMU does — handing back the inflight area,
+   * so that the requests still pending here are resubmitted by the new back end.
+   */
+  async reconnect(): Promise<void> {
+    if (!this.closed) this.ch.close();
+    this.closed = false;
+    this.closedError = null;
+    this.inbox = [];
+    this.open();
+    await this.negotiate();
+    await this.setupInflight();
+    await this.setupMemory();
+    for (const q of this.queues) {
+      closeQuietly(this.n, q.kickFd);
+      closeQuietly(this.n, q.callFd);
+      await this.startQueue(q, Atomics.load(q.used16, 1));
+      this.reap(q); // completions published before the old back end died
+    }
+  }
+
   get region(): MemRegion {
     return { guestAddr: 0n, size: BigInt(this.memSize), userAddr: BigInt(UVA_BASE), mmapOffset: 0n };
   }
@@ -331,9 +388,9 @@ export class VhostUserFrontend {
     }
   }
 
-  private async startQueue(q: DriverQueue): Promise<void> {
+  private async startQueue(q: DriverQueue, base = 0): Promise<void> {
     await this.set(Req.SET_VRING_NUM, encodeVringState({ index: q.index, num: q.size }));
-    await this.set(Req.SET_VRING_BASE, encodeVringState({ index: q.index, num: 0 }));
+    await this.set(Req.SET_VRING_BASE, encodeVringState({ index: q.index, num: base }));
     await this.set(
       Req.SET_VRING_ADDR,
       encodeVringAddr({
@@ -557,7 +614,13 @@ export class VhostUserFrontend {
   }
 
   close(): void {
-    if (!this.closed && this.ch !== undefined) this.ch.close();
+    this.shuttingDown = true;
+    if (this.ch !== undefined) {
+      if (!this.closed) this.ch.close();
+      else this.onClosed(this.closedError ?? undefined); // reject what a lost connection kept pending
+    }
+    closeQuietly(this.n, this.inflightFd);
+    this.inflightFd = -1;
     for (const q of this.queues) {
       q.watcher?.close();
       q.watcher = null;

@@ -446,3 +446,105 @@ describe('vstore vhost-blk command (built CLI in dist/)', () => {
     expect(readFileSync(image).subarray(16 * 512, 16 * 512 + 8192).equals(patterned(8192, 5))).toBe(true);
   });
 });
+
+describe('reconnect with the inflight area (INFLIGHT_SHMFD)', () => {
+  it('resubmits requests that were in flight when the connection died; the front end sees them complete', async () => {
+    let gate: Promise<void> | null = null;
+    let release!: () => void;
+    let writes = 0;
+    const vol = new MemoryVolume({
+      size: 4 * MiB,
+      hook: (op) => {
+        if (op !== 'write') return undefined;
+        writes++;
+        return gate ?? undefined;
+      },
+    });
+    const device = new VirtioBlkDevice({ volume: vol, logger: silentLogger() });
+    const socket = path.join(tempDir('vst-vuinf-'), 's.sock');
+    const server = await VhostUserServer.listen({ path: socket, device, logger: silentLogger() });
+    const fe = await connect({ socket, inflight: true });
+    try {
+      expect(fe.inflightFd).toBeGreaterThanOrEqual(0);
+      expect(await fe.write(0, patterned(4096, 1))).toBe(BlkStatus.OK); // completed before: not resubmitted
+      gate = new Promise<void>((r) => (release = r));
+      const stuck = [1, 2, 3].map((i) => fe.write(i * 64, patterned(4096, 10 + i)));
+      while (writes < 4) await new Promise((r) => setTimeout(r, 5));
+      await server.disconnect(); // the back end "dies" with three writes in flight
+      await fe.whenClosed();
+      await fe.reconnect();
+      expect(fe.connections).toBe(2);
+      while (writes < 7) await new Promise((r) => setTimeout(r, 5)); // the three, resubmitted
+      release();
+      expect(await Promise.all(stuck)).toEqual([0, 0, 0]);
+      expect(writes).toBe(7);
+      for (const i of [1, 2, 3]) expect((await fe.read(i * 64, 4096)).data.equals(patterned(4096, 10 + i))).toBe(true);
+      expect((await fe.read(0, 4096)).data.equals(patterned(4096, 1))).toBe(true);
+      // And the ring goes on from there.
+      expect(await fe.write(512, patterned(4096, 99))).toBe(BlkStatus.OK);
+    } finally {
+      release?.();
+      fe.close();
+      await server.close();
+    }
+  });
+
+  it('survives SIGKILL of the vstore process under a write load: restarted, it finishes every write', async () => {
+    const cli = path.join(REPO_ROOT, 'dist/lib/vhost/cli.js');
+    if (!existsSync(cli)) throw new Error('vstore is not built (dist/lib/vhost/cli.js missing): run `npm run build`');
+    const dir = tempDir('vst-vukill-');
+    const image = path.join(dir, 'disk.img');
+    sparseImage(image, 64 * MiB);
+    const socket = path.join(dir, 'kill.sock');
+    const code = `import { vhostBlkCommand } from ${JSON.stringify(cli)}; await vhostBlkCommand().parseAsync(process.argv.slice(1), { from: "user" });`;
+    const startCli = async (): Promise<ChildProcess> => {
+      const child = spawn(process.execPath, ['--input-type=module', '-e', code, image, '--socket', socket, '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let log = '';
+      child.stderr!.on('data', (b: Buffer) => (log += b));
+      (child as ChildProcess & { log: () => string }).log = () => log;
+      const deadline = Date.now() + 15_000;
+      while (!existsSync(socket) || !log.includes('vhost-blk: serving')) {
+        if (child.exitCode !== null || Date.now() > deadline) throw new Error(`vhost-blk did not start: ${log}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      return child;
+    };
+    let child = await startCli();
+    const fe = await connect({ socket, inflight: true, depth: 16, maxIo: 256 * 1024 });
+    const BLOCK = 256 * 1024;
+    try {
+      // 240 writes of 256 KiB, 16 in flight, each to its own place.
+      let next = 0;
+      const statuses: number[] = [];
+      const worker = async () => {
+        while (next < 240) {
+          const i = next++;
+          statuses[i] = await fe.write((i * BLOCK) / 512, patterned(BLOCK, i + 1));
+        }
+      };
+      const load = Promise.all(Array.from({ length: 16 }, worker));
+      while (next < 60) await new Promise((r) => setTimeout(r, 2));
+      child.kill('SIGKILL');
+      await new Promise((r) => child.once('exit', r));
+      await fe.whenClosed();
+      child = await startCli(); // the stale socket is replaced
+      await fe.reconnect();
+      await load;
+      // The restarted back end found requests in the inflight area and ran them again.
+      const log2 = (child as ChildProcess & { log: () => string }).log;
+      for (let i = 0; i < 150 && !log2().includes('resuming from the inflight area'); i++) await new Promise((r) => setTimeout(r, 20));
+      expect(log2(), log2()).toMatch(/resuming from the inflight area.*"resubmit":[1-9]|"resubmit":[1-9].*resuming from the inflight area/);
+      expect(statuses.length).toBe(240);
+      expect(statuses.every((s) => s === BlkStatus.OK)).toBe(true);
+      expect(await fe.flush()).toBe(BlkStatus.OK);
+      const img = readFileSync(image);
+      for (let i = 0; i < 240; i++) {
+        if (!img.subarray(i * BLOCK, (i + 1) * BLOCK).equals(patterned(BLOCK, i + 1))) throw new Error(`write ${i} lost`);
+      }
+    } finally {
+      fe.close();
+      child.kill('SIGTERM');
+      await new Promise((r) => (child.exitCode !== null ? r(null) : child.once('exit', r)));
+    }
+  });
+});
