@@ -8,7 +8,7 @@
  * trimmed), blockStatus walks SEEK_DATA / SEEK_HOLE. When the addon or the filesystem lacks
  * an operation, the volume degrades honestly (caps say so) instead of failing.
  */
-import { constants as FS, promises as fsp, type Stats } from 'node:fs';
+import { constants as FS, promises as fsp, read as fsRead, write as fsWrite, writeSync, type Stats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { native, type NativeAddon } from '../native/index.js';
 import { toVolumeError, VolumeError } from './errors.js';
@@ -23,6 +23,11 @@ export interface FileVolumeOptions {
    * device are retried on a second, buffered descriptor (the kernel keeps the two coherent).
    */
   direct?: boolean;
+  /**
+   * Small buffered writes go to the page cache on the event loop instead of through libuv's
+   * thread pool (default true; never with `direct`). See `write` for how stalls are contained.
+   */
+  inlineWrites?: boolean;
   /** Override the addon (tests; `null` runs without it, as on a machine where it is not built). */
   native?: NativeAddon | null;
 }
@@ -32,6 +37,12 @@ export const MAX_EXTENTS = 1024;
 const MAX_REQUEST = 32 * 1024 * 1024;
 /** Largest read tried on the event loop from the page cache. */
 const NOWAIT_MAX = 256 * 1024;
+/** Largest write done on the event loop (page-cache copy of at most this much). */
+const INLINE_WRITE_MAX = 64 * 1024;
+/** An inline write slower than this (ms) means the kernel made us wait (dirty throttling, allocation)... */
+const INLINE_STALL_MS = 2;
+/** ...and writes then go through the thread pool for this long (ms) before inline is tried again. */
+const INLINE_BACKOFF_MS = 1000;
 /** Zero buffer used when zeroing has to be emulated by writing; shared, never written to. */
 let zeroBuf: Buffer | undefined;
 const ZERO_BUF_SIZE = 1024 * 1024;
@@ -62,6 +73,11 @@ export class FileVolume implements Volume {
   private canSeek: boolean;
   /** Reads may try the page cache first (buffered descriptor and an addon that has readNowait). */
   private readonly nowait: boolean;
+  private readonly inlineWrites: boolean;
+  /** performance.now() before which writes avoid the event loop (after a stall). */
+  private inlineResumeAt = 0;
+  /** Inline writes that stalled (each one turned inline writes off for INLINE_BACKOFF_MS). */
+  inlineStalls = 0;
   private closed = false;
 
   private constructor(p: string, fh: FileHandle, fallback: FileHandle | undefined, st: Stats, size: number, opts: FileVolumeOptions, addon: NativeAddon | null) {
@@ -80,6 +96,7 @@ export class FileVolume implements Volume {
     // SEEK_DATA/SEEK_HOLE mean nothing on a block device: everything is data.
     this.canSeek = addon !== null && !this.isBlockDevice;
     this.nowait = addon !== null && !opts.direct && typeof addon.readNowait === 'function';
+    this.inlineWrites = !opts.direct && (opts.inlineWrites ?? true);
   }
 
   /** Opens (and with `create`, creates) a raw image file or a block device. */
@@ -184,6 +201,24 @@ export class FileVolume implements Volume {
     try {
       let done = 0;
       const len = buf.length;
+      // A small buffered write is a copy into the page cache: a few microseconds on the event
+      // loop against a thread-pool round trip that costs several times that (measured: 4k
+      // random writes at QD32 go from ~0.5x to ~1.2x nbdkit). ext4 refuses RWF_NOWAIT for
+      // buffered writes, so whether the kernel would block cannot be asked beforehand; instead
+      // each inline write is timed, and one that stalled (dirty-page throttling, block
+      // allocation waiting on the journal) sends writes back to the thread pool for a while.
+      // The worst case is one stall of the event loop per INLINE_BACKOFF_MS.
+      if (this.inlineWrites && len <= INLINE_WRITE_MAX) {
+        const t0 = performance.now();
+        if (t0 >= this.inlineResumeAt) {
+          done = writeSync(this.fd, buf, 0, len, offset);
+          const t1 = performance.now();
+          if (t1 - t0 > INLINE_STALL_MS) {
+            this.inlineStalls++;
+            this.inlineResumeAt = t1 + INLINE_BACKOFF_MS;
+          }
+        }
+      }
       while (done < len) {
         const { bytesWritten } = await this.writeOnce(buf, done, len - done, offset + done);
         done += bytesWritten;
@@ -287,7 +322,7 @@ export class FileVolume implements Volume {
   }
 
   private readOnce(buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesRead: number }> {
-    if (!this.fallback) return this.fh.read(buf, off, len, pos);
+    if (!this.fallback) return readFd(this.fd, buf, off, len, pos);
     return this.fh.read(buf, off, len, pos).catch((e: unknown) => {
       if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
       return this.fallback!.read(buf, off, len, pos); // unaligned for O_DIRECT
@@ -295,7 +330,7 @@ export class FileVolume implements Volume {
   }
 
   private writeOnce(buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesWritten: number }> {
-    if (!this.fallback) return this.fh.write(buf, off, len, pos);
+    if (!this.fallback) return writeFd(this.fd, buf, off, len, pos);
     return this.fh.write(buf, off, len, pos).catch((e: unknown) => {
       if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
       return this.fallback!.write(buf, off, len, pos); // unaligned for O_DIRECT
@@ -339,4 +374,21 @@ export class FileVolume implements Volume {
 function isNotSupported(e: unknown): boolean {
   const code = (e as { code?: unknown } | null)?.code;
   return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS';
+}
+
+/*
+ * fs.read/fs.write on the raw descriptor: the callback API costs less per call than the
+ * FileHandle promise API (no handle reference counting, no extra promise layer), which shows at
+ * tens of thousands of requests per second. The descriptor stays owned by `fh`.
+ */
+function readFd(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesRead: number }> {
+  return new Promise((resolve, reject) => {
+    fsRead(fd, buf, off, len, pos, (err, bytesRead) => (err ? reject(err) : resolve({ bytesRead })));
+  });
+}
+
+function writeFd(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesWritten: number }> {
+  return new Promise((resolve, reject) => {
+    fsWrite(fd, buf, off, len, pos, (err, bytesWritten) => (err ? reject(err) : resolve({ bytesWritten })));
+  });
 }

@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { mkdtempSync, rmSync, statSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { FileVolume } from '../../../lib/block/file.js';
 import { native } from '../../../lib/native/index.js';
 import type { Extent } from '../../../lib/block/volume.js';
@@ -199,20 +200,32 @@ describe('FileVolume', () => {
     await v.close();
   });
 
-  it('passes ENOSPC through and turns unexpected errors into VolumeErrors', async () => {
-    const p = fresh();
-    const v = await FileVolume.open(p, { create: { size: 1 * MiB } });
-    const fh = (v as unknown as { fh: { write: (...a: unknown[]) => Promise<unknown>; datasync(): Promise<void> } }).fh;
-    const enospc = Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', errno: -28 });
-    const w = vi.spyOn(fh, 'write').mockRejectedValueOnce(enospc);
-    await expect(v.write(0, Buffer.alloc(4096))).rejects.toMatchObject({ name: 'VolumeError', code: 'ENOSPC' });
-    w.mockRejectedValueOnce(new TypeError('a bug'));
-    await expect(v.write(0, Buffer.alloc(4096))).rejects.toMatchObject({ name: 'VolumeError', code: 'EIO' });
-    vi.spyOn(fh, 'datasync').mockRejectedValueOnce(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
-    await expect(v.flush()).rejects.toMatchObject({ name: 'VolumeError', code: 'EIO' });
-    w.mockRestore();
-    await v.write(0, Buffer.alloc(4096, 1));
-    await v.close();
+  it('passes a real ENOSPC through, on the event-loop and the thread-pool write paths', async () => {
+    // A 256 KiB tmpfs fills for real (root, as the suite runs); the volume is larger than it.
+    const mnt = mkdtempSync(path.join(tmpdir(), 'vstore-enospc-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', mnt]);
+    try {
+      const v = await FileVolume.open(path.join(mnt, 'img'), { create: { size: 4 * MiB } });
+      // Small writes (inline) until the filesystem is full.
+      let err: unknown;
+      for (let off = 0; off < 4 * MiB && !err; off += 4096) {
+        await v.write(off, Buffer.alloc(4096, 7)).catch((e: unknown) => (err = e));
+      }
+      expect(err).toMatchObject({ name: 'VolumeError', code: 'ENOSPC' });
+      // A large write (thread pool) fails the same way.
+      await expect(v.write(2 * MiB, Buffer.alloc(MiB, 8))).rejects.toMatchObject({ name: 'VolumeError', code: 'ENOSPC' });
+      // What was written before the filesystem filled reads back.
+      const b = Buffer.alloc(4096);
+      await v.read(0, b);
+      expect(b.every((x) => x === 7)).toBe(true);
+      const fh = (v as unknown as { fh: { datasync(): Promise<void> } }).fh;
+      vi.spyOn(fh, 'datasync').mockRejectedValueOnce(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+      await expect(v.flush()).rejects.toMatchObject({ name: 'VolumeError', code: 'EIO' });
+      await v.close();
+    } finally {
+      execFileSync('umount', [mnt]);
+      rmSync(mnt, { recursive: true, force: true });
+    }
   });
 
   it('read-only volumes refuse writes with EROFS', async () => {
@@ -259,5 +272,35 @@ describe('FileVolume', () => {
     expect(b.subarray(100, 109).toString()).toBe('unaligned');
     expect(b.subarray(4096).every((x) => x === 5)).toBe(true);
     await v.close();
+  });
+});
+
+describe('FileVolume inline writes', () => {
+  it('writes small buffers on the event loop, and backs off to the thread pool after a stall', async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), 'vstore-inline-'));
+    try {
+      const v = await FileVolume.open(path.join(dir, 'img'), { create: { size: 1 << 20 } });
+      // Pretend the first inline write took 5 ms: a stall.
+      let now = 1000;
+      const spy = vi.spyOn(performance, 'now').mockImplementation(() => (now += 2.5));
+      await v.write(0, Buffer.alloc(4096, 1));
+      expect(v.inlineStalls).toBe(1);
+      // Within the back-off window the next writes are not timed inline (no new stall counted,
+      // even though the clock still jumps), yet they land.
+      await v.write(4096, Buffer.alloc(4096, 2));
+      await v.write(8192, Buffer.alloc(4096, 3));
+      expect(v.inlineStalls).toBe(1);
+      // After the window, inline writes are tried again (and this one stalls again).
+      now += 2000;
+      await v.write(12288, Buffer.alloc(4096, 4));
+      expect(v.inlineStalls).toBe(2);
+      spy.mockRestore();
+      const b = Buffer.alloc(16384);
+      await v.read(0, b);
+      for (let i = 0; i < 4; i++) expect(b.subarray(i * 4096, (i + 1) * 4096).every((x) => x === i + 1)).toBe(true);
+      await v.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
