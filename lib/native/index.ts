@@ -24,6 +24,11 @@ export interface NativeAddon {
   readNowait(fd: number, buf: Uint8Array, offset: number): number;
   /** pwritev2(RWF_NOWAIT): bytes written, or -1 when it would block or the filesystem cannot (ext4 buffered writes). */
   writeNowait(fd: number, buf: Uint8Array, offset: number): number;
+  /**
+   * setsockopt SO_SNDBUF/SO_RCVBUF (0 leaves one as it is); the kernel caps them at
+   * net.core.wmem_max/rmem_max. Returns the send buffer size granted.
+   */
+  setSocketBuffers(fd: number, sendBytes: number, receiveBytes: number): number;
   /** Size in bytes of a block device (BLKGETSIZE64). */
   blockDeviceSize(fd: number): number;
 

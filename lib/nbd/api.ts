@@ -46,6 +46,13 @@ export interface NbdServerOptions {
    * would cost more than it saves). 0: always. Default 64 KiB.
    */
   sparseReadThreshold?: number;
+  /**
+   * Kernel send/receive buffer asked for each client socket (SO_SNDBUF/SO_RCVBUF, capped by
+   * net.core.wmem_max/rmem_max). A large send buffer lets a big read reply leave in one write
+   * instead of rounds of poll-and-write through the ~200 KiB default. 0: kernel default.
+   * Default 4 MiB.
+   */
+  socketBufferBytes?: number;
 }
 
 export interface NbdServerStats {

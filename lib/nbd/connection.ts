@@ -16,6 +16,8 @@ import type { Volume } from '../block/volume.js';
 import type { Logger } from '../log.js';
 import * as codec from './codec.js';
 import * as C from './constants.js';
+import { native } from '../native/index.js';
+import type { BufferPool } from './bufpool.js';
 import type { ServedExport } from './export.js';
 
 // ------------------------------------------------------------------------------------ ChunkQueue
@@ -130,6 +132,21 @@ export class ChunkQueue {
 
 // ------------------------------------------------------------------------------------ context
 
+/**
+ * Enlarges the kernel buffers of a client socket through the addon. Node exposes no
+ * setsockopt; the descriptor is read from the socket's handle (an internal but long-stable
+ * field). Best effort: without the addon or the fd, the kernel defaults stay.
+ */
+function setSocketBuffers(socket: Socket, bytes: number, log: Logger): void {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return;
+  try {
+    native().setSocketBuffers(fd, bytes, bytes);
+  } catch (e) {
+    log.debug({ err: (e as Error).message }, 'nbd: socket buffers left at the kernel default');
+  }
+}
+
 export interface TlsSetup {
   context: tls.SecureContext;
   requireClientCert: boolean;
@@ -144,6 +161,9 @@ export interface ConnectionHost {
   readonly handshakeTimeoutMs: number;
   readonly maxPayload: number;
   readonly sparseReadThreshold: number;
+  readonly socketBufferBytes: number;
+  /** Large read-reply buffers, reused once written. */
+  readonly buffers: BufferPool;
   readonly shuttingDown: boolean;
   lookupExport(name: string): ServedExport | undefined;
   listExports(): ServedExport[];
@@ -212,6 +232,7 @@ export class Connection {
     this.remote = isTcp ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     this.log = host.logger.child({ client: this.remote });
     if (isTcp) socket.setNoDelay(true);
+    if (host.socketBufferBytes > 0) setSocketBuffers(socket, host.socketBufferBytes, this.log);
     this.attach(socket);
     socket.on('close', this.onClose);
     this.timer = setTimeout(() => {
@@ -272,9 +293,13 @@ export class Connection {
     this.destroy();
   }
 
-  private send(b: Buffer): void {
+  /** Queues `b` on the socket; with `pooled`, `b` goes back to the buffer pool once written. */
+  private send(b: Buffer, pooled = false): void {
     const s = this.socket;
-    if (s.destroyed || !s.writable) return;
+    if (s.destroyed || !s.writable) {
+      if (pooled) this.host.buffers.put(b);
+      return;
+    }
     // Replies completing in the same event-loop turn (many reads finishing together at high
     // queue depth) leave in one writev: cork on the first, uncork after the poll phase.
     if (!this.corked && this.phase === 'transmission') {
@@ -282,7 +307,11 @@ export class Connection {
       s.cork();
       setImmediate(this.uncork);
     }
-    s.write(b);
+    if (pooled) {
+      // Written (or failed) when the callback runs: the kernel holds no reference to it then.
+      const pool = this.host.buffers;
+      s.write(b, () => pool.put(b));
+    } else s.write(b);
   }
 
   private corked = false;
@@ -872,7 +901,7 @@ export class Connection {
     }
     // Reply header and data in one buffer: the volume fills the data part, one write sends all.
     const prefix = structured ? C.OFFSET_DATA_PREFIX : C.SIMPLE_REPLY_SIZE;
-    const buf = Buffer.allocUnsafe(prefix + len);
+    const buf = this.host.buffers.get(prefix + len);
     this.begin(r.length);
     exp.volume.read(r.offset, buf.subarray(prefix)).then(
       () => {
@@ -880,10 +909,11 @@ export class Connection {
         else codec.writeSimpleReply(buf, 0, 0, r.handleHi, r.handleLo);
         exp.counters.reads++;
         exp.counters.bytesRead += len;
-        this.send(buf);
+        this.send(buf, true);
         this.end(r.length);
       },
       (e: unknown) => {
+        // Not pooled again: a layer below may have failed while still writing into it.
         this.replyVolumeError(r, e, r.offset);
         this.end(r.length);
       },
@@ -922,7 +952,9 @@ export class Connection {
           }
         }
         const data = segs.filter((s) => !s.zero);
-        const bufs = data.map((s) => Buffer.allocUnsafe(C.OFFSET_DATA_PREFIX + s.length));
+        const pool = this.host.buffers;
+        const bufs = data.map((s) => pool.get(C.OFFSET_DATA_PREFIX + s.length));
+        // On failure the buffers are not pooled again: a sibling read may still be filling one.
         await Promise.all(data.map((s, i) => v.read(s.offset, bufs[i]!.subarray(C.OFFSET_DATA_PREFIX))));
         return { segs, bufs };
       })
@@ -939,7 +971,7 @@ export class Connection {
             else {
               const b = bufs[di++]!;
               codec.writeOffsetDataPrefix(b, 0, fl, r.handleHi, r.handleLo, seg.offset, seg.length);
-              this.send(b);
+              this.send(b, true);
             }
           }
           if (writable) s.uncork();

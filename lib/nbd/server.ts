@@ -10,6 +10,7 @@ import * as tls from 'node:tls';
 import type { Logger } from '../log.js';
 import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from './api.js';
 import * as C from './constants.js';
+import { BufferPool } from './bufpool.js';
 import { Connection, type ConnectionHost, type TlsSetup } from './connection.js';
 import { ServedExport } from './export.js';
 
@@ -34,12 +35,16 @@ export class NbdServer {
     const handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
     const maxPayload = opts.maxPayload ?? C.PORTABLE_MAX_PAYLOAD;
     const sparseReadThreshold = opts.sparseReadThreshold ?? 64 * 1024;
+    const socketBufferBytes = opts.socketBufferBytes ?? 4 * 1024 * 1024;
     if (!Number.isSafeInteger(maxInflight) || maxInflight < 1) throw new RangeError('maxInflightPerConnection must be >= 1');
     if (!(handshakeTimeoutMs > 0)) throw new RangeError('handshakeTimeoutMs must be > 0');
     if (!Number.isSafeInteger(maxPayload) || maxPayload < 512 || maxPayload > 0xffffffff) {
       throw new RangeError('maxPayload must be an integer in [512, 2^32-1]');
     }
     if (!(sparseReadThreshold >= 0)) throw new RangeError('sparseReadThreshold must be >= 0');
+    if (!Number.isSafeInteger(socketBufferBytes) || socketBufferBytes < 0 || socketBufferBytes > 0x7fffffff) {
+      throw new RangeError('socketBufferBytes must be an integer in [0, 2^31-1]');
+    }
     let tlsSetup: TlsSetup | undefined;
     if (opts.tls) {
       const t = opts.tls;
@@ -57,6 +62,8 @@ export class NbdServer {
       handshakeTimeoutMs,
       maxPayload,
       sparseReadThreshold,
+      socketBufferBytes,
+      buffers: new BufferPool(16 * 1024 * 1024),
       get shuttingDown() {
         return self.closing !== null;
       },
