@@ -183,6 +183,9 @@ export class VhostUserBackend {
         const err = e instanceof Error ? e : new Error(String(e));
         this.log.error({ err, request: requestName(m.request) }, 'vhost-user: closing the connection');
         this.ch.close(err);
+      } finally {
+        // Fds a handler did not take (it failed first, or the request carries none) are closed here.
+        for (const f of this.take(m)) closeQuietly(this.n, f);
       }
     });
   }
@@ -197,13 +200,16 @@ export class VhostUserBackend {
     }
   }
 
+  /** Hands a message's fds to the caller, who then owns them (closes or keeps each one). */
+  private take(m: Message): number[] {
+    const f = m.fds;
+    m.fds = [];
+    return f;
+  }
+
+  /** Checks the fd count; a mismatch fails the message (its fds are closed after it). */
   private fdCount(m: Message, want: number): void {
-    if (m.fds.length !== want) {
-      const got = m.fds.length;
-      for (const f of m.fds) closeQuietly(this.n, f);
-      m.fds = [];
-      throw new ProtocolError(`${requestName(m.request)} with ${got} fds, expected ${want}`);
-    }
+    if (m.fds.length !== want) throw new ProtocolError(`${requestName(m.request)} with ${m.fds.length} fds, expected ${want}`);
   }
 
   private queue(index: number): Queue {
@@ -267,24 +273,15 @@ export class VhostUserBackend {
         return;
       case Req.ADD_MEM_REG: {
         this.fdCount(m, 1);
-        let r: MemRegion;
-        try {
-          r = decodeMemRegionMsg(p);
-        } catch (e) {
-          closeQuietly(this.n, m.fds[0]!);
-          throw e;
-        }
-        if (this.mem.count >= MAX_MEM_SLOTS) {
-          closeQuietly(this.n, m.fds[0]!);
-          throw new ProtocolError(`more than ${MAX_MEM_SLOTS} memory regions`);
-        }
-        this.mem.add(this.mapRegion(r, m.fds[0]!));
+        const r: MemRegion = decodeMemRegionMsg(p);
+        if (this.mem.count >= MAX_MEM_SLOTS) throw new ProtocolError(`more than ${MAX_MEM_SLOTS} memory regions`);
+        this.mem.add(this.mapRegion(r, this.take(m)[0]!));
         this.remapRings();
         this.ack(m, true);
         return;
       }
       case Req.REM_MEM_REG: {
-        for (const f of m.fds) closeQuietly(this.n, f);
+        // QEMU sends the region's fd along; it is not needed to find the region.
         if (m.fds.length > 1) throw new ProtocolError('REM_MEM_REG with more than one fd');
         const r = decodeMemRegionMsg(p);
         const ok = this.mem.remove(toNum(r.guestAddr, 'guest address'), toNum(r.size, 'region size')) !== null;
@@ -296,7 +293,6 @@ export class VhostUserBackend {
       case Req.SET_LOG_BASE:
       case Req.SET_LOG_FD:
         // Dirty logging (live migration) is not offered (no LOG_SHMFD, no VHOST_F_LOG_ALL).
-        for (const f of m.fds) closeQuietly(this.n, f);
         this.log.warn('vhost-user: refusing dirty-page logging (not offered)');
         this.ack(m, false);
         return;
@@ -344,15 +340,10 @@ export class VhostUserBackend {
         const v = Number(decodeU64(p) & 0xffffn);
         const nofd = (v & VRING_NOFD_MASK) !== 0;
         this.fdCount(m, nofd ? 0 : 1);
-        const fd = nofd ? -1 : m.fds[0]!;
-        let q: Queue;
-        try {
-          if (v & ~(VRING_IDX_MASK | VRING_NOFD_MASK)) throw new ProtocolError(`bad vring fd payload 0x${v.toString(16)}`);
-          q = this.queue(v & VRING_IDX_MASK);
-        } catch (e) {
-          closeQuietly(this.n, fd);
-          throw e;
-        }
+        if (v & ~(VRING_IDX_MASK | VRING_NOFD_MASK)) throw new ProtocolError(`bad vring fd payload 0x${v.toString(16)}`);
+        const q = this.queue(v & VRING_IDX_MASK);
+        if (m.request === Req.SET_VRING_KICK && nofd) throw new ProtocolError('polling rings (SET_VRING_KICK without an fd) are not supported');
+        const fd = nofd ? -1 : this.take(m)[0]!;
         if (m.request === Req.SET_VRING_CALL) {
           closeQuietly(this.n, q.callFd);
           q.callFd = fd;
@@ -360,7 +351,6 @@ export class VhostUserBackend {
           closeQuietly(this.n, q.errFd);
           q.errFd = fd;
         } else {
-          if (nofd) throw new ProtocolError('polling rings (SET_VRING_KICK without an fd) are not supported');
           this.startQueue(q, fd);
         }
         this.ack(m, true);
@@ -390,9 +380,9 @@ export class VhostUserBackend {
       }
       case Req.SET_INFLIGHT_FD: {
         this.fdCount(m, 1);
-        const fd = m.fds[0]!;
+        const req = decodeInflight(p);
+        const fd = this.take(m)[0]!;
         try {
-          const req = decodeInflight(p);
           this.checkInflightGeometry(req.numQueues, req.queueSize);
           const size = inflightBytes(req.numQueues, req.queueSize);
           if (req.mmapSize < BigInt(size)) throw new ProtocolError(`inflight area of ${req.mmapSize} bytes, need ${size}`);
@@ -425,7 +415,6 @@ export class VhostUserBackend {
         return;
       }
       default:
-        for (const f of m.fds) closeQuietly(this.n, f);
         throw new ProtocolError(`unsupported request ${requestName(m.request)}`);
     }
   }
@@ -454,16 +443,10 @@ export class VhostUserBackend {
   }
 
   private setMemTable(m: Message): void {
-    let table: MemRegion[];
-    try {
-      table = decodeMemTable(m.payload);
-      if (table.length !== m.fds.length) throw new ProtocolError(`memory table of ${table.length} regions with ${m.fds.length} fds`);
-    } catch (e) {
-      for (const f of m.fds) closeQuietly(this.n, f);
-      throw e;
-    }
+    const table = decodeMemTable(m.payload);
+    if (table.length !== m.fds.length) throw new ProtocolError(`memory table of ${table.length} regions with ${m.fds.length} fds`);
     const mem = new GuestMemory();
-    const fds = [...m.fds];
+    const fds = this.take(m);
     try {
       for (let i = 0; i < table.length; i++) mem.add(this.mapRegion(table[i]!, fds[i]!));
     } catch (e) {

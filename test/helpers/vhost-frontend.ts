@@ -621,6 +621,7 @@ export class VhostUserFrontend {
     }
     closeQuietly(this.n, this.inflightFd);
     this.inflightFd = -1;
+    for (const m of this.inbox.splice(0)) for (const f of m.fds) closeQuietly(this.n, f);
     for (const q of this.queues) {
       q.watcher?.close();
       q.watcher = null;
