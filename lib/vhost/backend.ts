@@ -49,6 +49,12 @@ export const VIRTIO_RING_F_INDIRECT_DESC = 28;
 export const VIRTIO_RING_F_EVENT_IDX = 29;
 export const VIRTIO_F_VERSION_1 = 32;
 
+/** Requests that may come with fds. */
+const CARRIES_FDS: ReadonlySet<number> = new Set<number>([
+  Req.SET_MEM_TABLE, Req.ADD_MEM_REG, Req.REM_MEM_REG, Req.SET_VRING_KICK, Req.SET_VRING_CALL,
+  Req.SET_VRING_ERR, Req.SET_LOG_BASE, Req.SET_LOG_FD, Req.SET_INFLIGHT_FD, Req.SET_BACKEND_REQ_FD,
+]);
+
 /** Messages received and not yet handled, at most (then the socket is not read). */
 const MAX_QUEUED = 32;
 
@@ -221,15 +227,10 @@ export class VhostUserBackend {
   private async handle(m: Message): Promise<void> {
     this.log.debug({ request: requestName(m.request), size: m.size, fds: m.fds.length }, 'vhost-user message');
     // Requests that carry fds take them; any other request must carry none.
-    const carriesFds = new Set<number>([
-      Req.SET_MEM_TABLE, Req.ADD_MEM_REG, Req.REM_MEM_REG, Req.SET_VRING_KICK, Req.SET_VRING_CALL,
-      Req.SET_VRING_ERR, Req.SET_LOG_BASE, Req.SET_LOG_FD, Req.SET_INFLIGHT_FD, Req.SET_BACKEND_REQ_FD,
-    ]);
-    if (!carriesFds.has(m.request)) this.fdCount(m, 0);
+    if (!CARRIES_FDS.has(m.request)) this.fdCount(m, 0);
     const p = m.payload;
     switch (m.request) {
       case Req.GET_FEATURES:
-        this.fdCount(m, 0);
         this.reply(m, encodeU64(this.offeredFeatures));
         return;
       case Req.SET_FEATURES: {

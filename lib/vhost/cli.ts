@@ -40,7 +40,7 @@ export function vhostBlkCommand(): Command {
     .argument('<file>', 'raw image file or block device to serve')
     .requiredOption('-s, --socket <path>', 'vhost-user unix socket to listen on (mode 0600; a stale socket is replaced)')
     .option('-r, --read-only', 'offer a read-only device (VIRTIO_BLK_F_RO; writes fail with IOERR)', false)
-    .option('-q, --queues <n>', 'virtqueues offered (1-64); QEMU uses up to one per vCPU', parseQueues, 1)
+    .option('-q, --queues <n>', 'virtqueues offered (1-64); QEMU wants one per vCPU unless given num-queues=N, and refuses to start with fewer', parseQueues, 1)
     .option('--serial <id>', 'device id returned by GET_ID (at most 20 bytes)')
     .option('--direct', 'open FILE with O_DIRECT (bypass the host page cache)', false)
     .addOption(new Option('--log-level <level>', 'log level (logs are JSON lines on stderr)').choices([...LOG_LEVELS]).default('info'))
