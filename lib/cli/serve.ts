@@ -2,10 +2,10 @@
 import type { Command } from 'commander';
 import { loadConfig } from '../config/load.js';
 import { LOG_LEVELS } from '../config/schema.js';
-import { Daemon } from '../daemon/daemon.js';
+import { Daemon, formatHostPort } from '../daemon/daemon.js';
 import { createLogger } from '../log.js';
 import { NbdServer } from '../nbd/server.js';
-import { exitAfterLogs, stopOnSignals } from './signals.js';
+import { exitAfterLogs, failAfterLogs, stopOnSignals } from './signals.js';
 import { packageVersion } from './version.js';
 import path from 'node:path';
 import { Option } from 'commander';
@@ -37,19 +37,35 @@ Logs are JSON lines (pino) on stderr.`,
         version: packageVersion(),
         baseDir: path.dirname(path.resolve(opts.config)),
       });
-      const exited = stopOnSignals(logger, () => daemon.stop());
+      let started: Promise<boolean> | undefined;
+      // A signal during startup is a normal stop (exit 0, like qemu-storage-daemon): start()
+      // then resolves false once what was started is down. If startup fails for real, the
+      // failure below is what ends the process (exit 1), not the signal.
+      const exited = stopOnSignals(logger, async () => {
+        await daemon.stop();
+        if (started) await started.catch(() => new Promise<never>(() => {}));
+      });
+      started = daemon.start();
+      let ready: boolean;
       try {
-        await daemon.start();
+        ready = await started;
       } catch (e) {
-        logger.flush();
-        throw e;
+        // Everything started is down again. The one-line error must be the last line on
+        // stderr, after the log lines of the aborted start (bin/vstore.js would print it
+        // ahead of pino's pending writes).
+        failAfterLogs(logger, e instanceof Error ? e.message : String(e));
+        return;
       }
-      for (const vm of daemon.status().vms) {
-        for (const d of vm.disks) {
-          process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
+      if (ready) {
+        const st = daemon.status();
+        for (const vm of st.vms) {
+          for (const d of vm.disks) {
+            process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
+          }
         }
+        const tcp = (st.tcpAddresses ?? []).map((a) => formatHostPort(a.host, a.port)).join(', ');
+        process.stdout.write(`vstore: control socket ${config.control}${tcp ? `, TCP ${tcp}` : ''}\n`);
       }
-      process.stdout.write(`vstore: control socket ${config.control}${config.tcp ? `, TCP ${config.tcp.host}:${config.tcp.port}` : ''}\n`);
       exitAfterLogs(logger, await exited);
     });
 }

@@ -1,6 +1,7 @@
 /** `vstore status`: the running daemon's VMs and disks, as a table or JSON. */
 import type { Command } from 'commander';
 import type { DaemonStatus } from '../daemon/control.js';
+import { formatHostPort } from '../daemon/daemon.js';
 import { call, controlOption } from './client.js';
 
 export function formatBytes(n: number): string {
@@ -31,7 +32,8 @@ export function renderTable(rows: string[][]): string {
 
 export function renderStatus(s: DaemonStatus): string {
   let out = `daemon pid ${s.pid}, version ${s.version}, up ${s.uptimeSeconds}s, control ${s.control}`;
-  if (s.tcp) out += `, TCP ${s.tcp.host}:${s.tcp.port} (exports VM/DISK)`;
+  const tcp = s.tcpAddresses ?? (s.tcp ? [s.tcp] : []);
+  if (tcp.length) out += `, TCP ${tcp.map((a) => formatHostPort(a.host, a.port)).join(', ')} (exports VM/DISK)`;
   out += `\n`;
   if (s.vms.length === 0) return out + 'no VMs\n';
   const rows = [['VM', 'DISK', 'SIZE', 'MODE', 'CONN', 'INFLIGHT', 'READS', 'WRITES', 'ERRORS', 'SOCKET', 'EXPORT', 'FILE']];

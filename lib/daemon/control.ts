@@ -27,7 +27,10 @@ export interface DaemonStatus {
   startedAt: string;
   uptimeSeconds: number;
   control: string;
+  /** The shared TCP listener's bound address (the first, when there are several). */
   tcp?: { host: string; port: number };
+  /** Every address the shared TCP listener is bound to. */
+  tcpAddresses?: Array<{ host: string; port: number }>;
   vms: VmStatus[];
 }
 

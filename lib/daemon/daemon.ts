@@ -1,7 +1,9 @@
 /**
  * The host daemon: one process serving every VM's disks. It builds the graph — registry, the
  * shared TCP NBD server when configured, the control API — from a resolved config and injected
- * factories, starts it, and takes it down in order on stop():
+ * factories, starts it — every configured disk, then the TCP listener, then the control socket,
+ * so that neither listener accepts before every disk is there — and takes it down in order on
+ * stop() (which, during startup, ends startup at the next step and takes down what was started):
  *   stop accepting (control socket, then every NBD listener) -> drain in-flight requests ->
  *   flush every disk -> remove sockets.
  * Signals are the caller's business (lib/cli/serve.ts): the daemon is a plain object.
@@ -34,6 +36,8 @@ export class Daemon {
   private tcpServer: NbdServerLike | undefined;
   private control: ControlServer | undefined;
   private stopping: Promise<void> | undefined;
+  /** Settles (never rejects) once start()'s steps have ended, however they ended. */
+  private startup: Promise<void> | undefined;
 
   constructor(
     readonly config: DaemonConfig,
@@ -42,12 +46,47 @@ export class Daemon {
     this.logger = deps.logger;
   }
 
-  /** Serves every configured VM, then opens the control socket (its presence means "ready"). */
-  async start(): Promise<void> {
+  /**
+   * Serves every configured VM, then opens the shared TCP listener and the control socket — in
+   * that order, so that whoever connects to either sees every configured disk (the control
+   * socket's presence means "ready"). Resolves true when ready; false when stop() was called
+   * before the daemon was ready (then everything started is already taken down again: a signal
+   * during startup is a normal stop, not a failure). Throws, after taking down what was
+   * started, when startup itself fails.
+   */
+  async start(): Promise<boolean> {
+    if (this.startup) throw new Error('the daemon was already started');
+    const steps = this.startSteps();
+    // stop() waits for this: it never tears down while a step is still creating something.
+    this.startup = steps.catch(() => {});
+    try {
+      await steps;
+    } catch (e) {
+      await this.stop();
+      if (e instanceof StartAborted) return false;
+      throw e;
+    }
+    if (this.stopping) {
+      await this.stopping;
+      return false;
+    }
+    const tcp = this.tcpAddresses();
+    this.logger.info({ control: this.config.control, ...(tcp.length ? { tcp } : {}), vms: this.config.vms.length }, 'daemon ready');
+    return true;
+  }
+
+  /** The startup steps; between any two, a stop() request ends them (StartAborted). */
+  private async startSteps(): Promise<void> {
     const { config, logger } = this;
+    const checkStop = (): void => {
+      if (this.stopping) throw new StartAborted();
+    };
+    checkStop();
     await mkdir(this.config.runDir, { recursive: true, mode: 0o755 });
+    checkStop();
     if (config.tcp) {
       const tls = config.tls ? await readTls(config.tls) : undefined;
+      checkStop();
       this.tcpServer = this.deps.createServer({ logger: logger.child({ listener: 'tcp' }), ...(tls ? { tls } : {}) });
     }
     const registry = new VmRegistry({
@@ -57,34 +96,49 @@ export class Daemon {
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
     });
     this.registry = registry;
-    try {
-      if (this.tcpServer && config.tcp) {
-        await this.tcpServer.listen({ tcp: config.tcp });
-        logger.info({ host: config.tcp.host, port: config.tcp.port, tls: config.tls?.mode ?? 'off' }, 'TCP listener up (exports VM/DISK)');
-      }
-      for (const [i, vm] of config.vms.entries()) {
-        try {
-          await registry.addVm(vm);
-        } catch (e) {
-          // Name the config field: the registry speaks relative to the VM object.
-          if (e instanceof RegistryError) {
-            throw new ConfigError([e.message.startsWith('disks[') ? `vms[${i}].${e.message}` : `vms[${i}]: ${e.message}`]);
-          }
-          throw e;
+    for (const [i, vm] of config.vms.entries()) {
+      checkStop();
+      try {
+        await registry.addVm(vm);
+      } catch (e) {
+        // Name the config field: the registry speaks relative to the VM object.
+        if (e instanceof RegistryError) {
+          throw new ConfigError([e.message.startsWith('disks[') ? `vms[${i}].${e.message}` : `vms[${i}]: ${e.message}`]);
         }
+        throw e;
       }
-      this.control = new ControlServer({
-        logger: logger.child({ component: 'control' }),
-        registry,
-        resolve: { baseDir: this.deps.baseDir ?? process.cwd(), runDir: config.runDir },
-        status: () => this.status(),
-      });
-      await this.control.listen(config.control);
-    } catch (e) {
-      await this.stop();
-      throw e;
     }
-    logger.info({ control: config.control, vms: config.vms.length }, 'daemon ready');
+    // Only now that every configured disk is exported: a client listing the exports right
+    // after the port opens must see all of them.
+    checkStop();
+    if (this.tcpServer && config.tcp) {
+      const { host, port } = config.tcp;
+      try {
+        await this.tcpServer.listen({ tcp: config.tcp });
+      } catch (e) {
+        throw new ConfigError([`tcp: cannot listen on ${formatHostPort(host, port)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`]);
+      }
+      logger.info({ addresses: this.tcpAddresses(), tls: config.tls?.mode ?? 'off' }, 'TCP listener up (exports VM/DISK)');
+    }
+    checkStop();
+    this.control = new ControlServer({
+      logger: logger.child({ component: 'control' }),
+      registry,
+      resolve: { baseDir: this.deps.baseDir ?? process.cwd(), runDir: config.runDir },
+      status: () => this.status(),
+    });
+    await this.control.listen(config.control);
+  }
+
+  /**
+   * The addresses the shared TCP listener is bound to (with port 0 in the config, the port the
+   * system chose); the configured one for a server that does not tell; none before it listens.
+   */
+  tcpAddresses(): Array<{ host: string; port: number }> {
+    if (!this.tcpServer || !this.config.tcp) return [];
+    const bound = this.tcpServer.addresses;
+    if (bound === undefined) return [this.config.tcp];
+    return bound.flatMap((a) => ('tcp' in a ? [a.tcp] : []));
   }
 
   status(): DaemonStatus {
@@ -94,7 +148,7 @@ export class Daemon {
       startedAt: new Date(this.startedAt).toISOString(),
       uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000),
       control: this.config.control,
-      ...(this.config.tcp ? { tcp: this.config.tcp } : {}),
+      ...tcpStatus(this.tcpAddresses()),
       vms: this.registry?.status() ?? [],
     };
   }
@@ -107,6 +161,11 @@ export class Daemon {
 
   private async doStop(): Promise<void> {
     const log = this.logger;
+    if (this.startup) {
+      // A stop during startup: let the step under way finish (the next one sees the request),
+      // then take down whatever was started.
+      await this.startup;
+    }
     log.info('stopping: closing the control socket');
     await this.control?.close().catch((e: unknown) => log.error({ err: e }, 'closing the control socket failed'));
     log.info('stopping: draining in-flight requests and flushing every disk');
@@ -117,6 +176,23 @@ export class Daemon {
     }
     log.info('stopped: every disk flushed, sockets removed');
   }
+}
+
+/** start() was cut short by stop(): not an error. */
+class StartAborted extends Error {
+  constructor() {
+    super('stopped during startup');
+    this.name = 'StartAborted';
+  }
+}
+
+function tcpStatus(addrs: Array<{ host: string; port: number }>): Pick<DaemonStatus, 'tcp' | 'tcpAddresses'> {
+  return addrs.length ? { tcp: addrs[0]!, tcpAddresses: addrs } : {};
+}
+
+/** host:port, with an IPv6 host in brackets. */
+export function formatHostPort(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
 async function readTls(t: NonNullable<DaemonConfig['tls']>): Promise<NbdTlsOptions> {

@@ -22,6 +22,8 @@ export interface NbdServerLike {
   listen(addr: NbdListenAddress): Promise<void>;
   close(): Promise<void>;
   stats(): NbdServerStats;
+  /** The bound addresses (NbdServer has them; for TCP port 0, the port the system chose). */
+  readonly addresses?: NbdListenAddress[];
 }
 
 export type NbdServerFactory = (opts: NbdServerOptions) => NbdServerLike;

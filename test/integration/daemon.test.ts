@@ -9,7 +9,7 @@ import { request } from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MiB, REPO_ROOT, VSTORE_BIN, requireCommands, run, sparseImage, tempDir } from '../helpers/index.js';
+import { MiB, REPO_ROOT, VSTORE_BIN, freePort, requireCommands, run, sparseImage, tempDir } from '../helpers/index.js';
 
 interface Daemon {
   child: ChildProcess;
@@ -31,6 +31,17 @@ beforeAll(() => {
 function canConnect(p: string): Promise<boolean> {
   return new Promise((resolve) => {
     const c = net.connect(p);
+    c.once('connect', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once('error', () => resolve(false));
+  });
+}
+
+function canConnectTcp(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const c = net.connect(port, '127.0.0.1');
     c.once('connect', () => {
       c.destroy();
       resolve(true);
@@ -197,12 +208,109 @@ describe('vstore serve', () => {
     expect(missing.stderr).toBe(`vstore: ${path.join(dir, 'nope.yaml')}: no such file\n`);
     const noImage = path.join(dir, 'noimg.yaml');
     writeFileSync(noImage, 'runDir: run\nvms:\n  - name: vm1\n    disks:\n      - { name: a, file: missing.img }\n');
-    const r2 = await vstore(['serve', '--config', noImage]);
-    expect(r2.code).toBe(1);
-    // stderr also carries the JSON log lines of the aborted start; the error is one plain line
-    const plain = r2.stderr.split('\n').filter((l) => l && !l.startsWith('{'));
-    expect(plain).toHaveLength(1);
-    expect(plain[0]).toMatch(/^vstore: vms\[0\]\.disks\[0\]\.file: cannot open .*missing\.img: ENOENT: no such file or directory/);
+    // the second VM's disk is missing: the first VM was started, and is taken down again
+    writeFileSync(
+      noImage,
+      'runDir: run\ntcp: { host: 127.0.0.1, port: 0 }\nvms:\n  - name: vm0\n    disks:\n      - { name: a, file: a.img, size: 1M }\n      - { name: b, file: b.img, size: 1M }\n  - name: vm1\n    disks:\n      - { name: a, file: missing.img }\n',
+    );
+    for (let i = 0; i < 3; i++) {
+      const r2 = await vstore(['serve', '--config', noImage]);
+      expect(r2.code).toBe(1);
+      // stderr also carries the JSON log lines of the aborted start; the error is one plain
+      // line, and the last one
+      const lines = r2.stderr.split('\n');
+      expect(lines.pop()).toBe('');
+      expect(lines.filter((l) => !l.startsWith('{'))).toHaveLength(1);
+      expect(lines.at(-1)).toMatch(/^vstore: vms\[1\]\.disks\[0\]\.file: cannot open .*missing\.img: ENOENT: no such file or directory/);
+      expect(r2.stderr).toMatch(/"msg":"stopped: every disk flushed, sockets removed"/);
+      expect(existsSync(path.join(dir, 'run', 'vm0-a.sock'))).toBe(false);
+    }
+  });
+
+  it('on SIGTERM during startup: stops what was started, removes the sockets, exits 0', async () => {
+    const dir = tempDir('vsd-');
+    const port = await freePort();
+    const control = path.join(dir, 'control.sock');
+    const config = path.join(dir, 'start.json');
+    writeFileSync(path.join(dir, 'b.raw'), Buffer.alloc(0));
+    writeFileSync(
+      config,
+      JSON.stringify({
+        runDir: path.join(dir, 'run'),
+        control,
+        tcp: { host: '127.0.0.1', port },
+        vms: [
+          { name: 'vm1', disks: [{ name: 'disk0', file: 'a.raw', size: '64M' }, { name: 'disk1', file: 'b.raw', readOnly: true }] },
+          { name: 'vm2', disks: [{ name: 'disk0', file: 'c.raw', size: '64M' }] },
+        ],
+      }),
+    );
+    const sockets = ['vm1-disk0.sock', 'vm1-disk1.sock', 'vm2-disk0.sock'].map((f) => path.join(dir, 'run', f));
+    // SIGTERM at a few points: as the first disk's socket appears, and as the TCP port opens
+    const triggers: Array<() => Promise<boolean>> = [async () => existsSync(sockets[0]!), async () => existsSync(sockets[0]!), () => canConnectTcp(port)];
+    for (const ready of triggers) {
+      const child = spawn(process.execPath, [VSTORE_BIN, 'serve', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'] });
+      live.add(child);
+      let err = '';
+      child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+      const deadline = Date.now() + 15_000;
+      while (!(await ready())) {
+        if (Date.now() > deadline) throw new Error(`not started after 15 s:\n${err}`);
+        await new Promise((r) => setTimeout(r, 1));
+      }
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 15_000);
+      const res = await exited;
+      clearTimeout(timer);
+      live.delete(child);
+      expect(res, err).toEqual({ code: 0, signal: null });
+      expect(err.split('\n').filter((l) => l && !l.startsWith('{')), err).toEqual([]);
+      expect(err).toMatch(/"msg":"exiting 0"/);
+      for (const p of [control, ...sockets]) expect(existsSync(p), p).toBe(false);
+    }
+  });
+
+  it('lists every configured export on TCP as soon as the port accepts', async () => {
+    const dir = tempDir('vsd-');
+    const port = await freePort();
+    const config = path.join(dir, 'list.json');
+    const vms = Array.from({ length: 4 }, (_, i) => ({ name: `vm${i}`, disks: [{ name: 'd0', file: `vm${i}-0.raw`, size: '8M' }, { name: 'd1', file: `vm${i}-1.raw`, size: '8M' }] }));
+    writeFileSync(config, JSON.stringify({ runDir: path.join(dir, 'run'), control: path.join(dir, 'control.sock'), tcp: { host: '127.0.0.1', port }, vms }));
+    const child = spawn(process.execPath, [VSTORE_BIN, 'serve', '--config', config], { stdio: ['ignore', 'pipe', 'pipe'] });
+    live.add(child);
+    let err = '';
+    child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+    const deadline = Date.now() + 15_000;
+    while (!(await canConnectTcp(port))) {
+      if (Date.now() > deadline) throw new Error(`TCP port not open after 15 s:\n${err}`);
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    const list = await run('nbdinfo', ['--list', '--json', `nbd://127.0.0.1:${port}`], { check: false });
+    child.kill('SIGTERM');
+    const res = await exited;
+    live.delete(child);
+    expect(list.code, list.stderr).toBe(0);
+    const names = (JSON.parse(list.stdout) as { exports: Array<{ 'export-name': string }> }).exports.map((e) => e['export-name']);
+    expect(names.sort()).toEqual(vms.flatMap((vm) => [`${vm.name}/d0`, `${vm.name}/d1`]).sort());
+    expect(res).toEqual({ code: 0, signal: null });
+  });
+
+  it('with TCP port 0, prints and reports the port it bound', async () => {
+    const dir = tempDir('vsd-');
+    const control = path.join(dir, 'run', 'control.sock');
+    const config = path.join(dir, 'p0.yaml');
+    writeFileSync(config, 'runDir: run\ntcp: { host: 127.0.0.1, port: 0 }\nvms:\n  - name: vm\n    disks:\n      - { name: d, file: d.img, size: 1M }\n');
+    const d = await startDaemon(config, control);
+    const st = JSON.parse((await vstore(['status', '--control', control, '--json'])).stdout) as { tcp: { host: string; port: number } };
+    expect(st.tcp.host).toBe('127.0.0.1');
+    expect(st.tcp.port).toBeGreaterThan(0);
+    expect(await canConnectTcp(st.tcp.port)).toBe(true);
+    const table = await vstore(['status', '--control', control]);
+    expect(table.stdout.split('\n')[0]).toContain(`, TCP 127.0.0.1:${st.tcp.port} (exports VM/DISK)`);
+    expect(d.out()).toContain(`vstore: control socket ${control}, TCP 127.0.0.1:${st.tcp.port}\n`);
+    expect(await stopDaemon(d)).toEqual({ code: 0, signal: null });
   });
 
   it('on SIGTERM during writes: drains, flushes, exits 0, and every acknowledged write is in the file', async () => {

@@ -10,9 +10,11 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { MemoryVolume } from '../../../lib/block/memory.js';
 import { VolumeError } from '../../../lib/block/errors.js';
 import { parseConfig } from '../../../lib/config/schema.js';
+import { renderStatus } from '../../../lib/cli/status.js';
 import { renderMetrics } from '../../../lib/daemon/control.js';
 import { Daemon } from '../../../lib/daemon/daemon.js';
 import { silentLogger } from '../../../lib/log.js';
+import type { NbdListenAddress } from '../../../lib/nbd/api.js';
 import { NbdServer } from '../../../lib/nbd/server.js';
 
 let dir: string;
@@ -29,12 +31,31 @@ afterEach(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function start(doc: unknown): Promise<Daemon> {
+interface MakeOptions {
+  /** Awaited before opening a disk's volume (to hold startup at a given disk). */
+  beforeOpen?: (file: string) => Promise<void>;
+  /** Every NBD server the daemon creates (the shared TCP one first, when configured). */
+  servers?: NbdServer[];
+  /** Called as a server starts to listen, before it does. */
+  onListen?: (server: NbdServer, addr: NbdListenAddress) => void;
+}
+
+function make(doc: unknown, o: MakeOptions = {}): Daemon {
   const config = parseConfig(doc, dir);
   daemon = new Daemon(config, {
     logger: silentLogger(),
-    createServer: (o) => new NbdServer(o),
+    createServer: (opts) => {
+      const s = new NbdServer(opts);
+      o.servers?.push(s);
+      const listen = s.listen.bind(s);
+      s.listen = (addr) => {
+        o.onListen?.(s, addr);
+        return listen(addr);
+      };
+      return s;
+    },
     openVolume: async (d) => {
+      await o.beforeOpen?.(d.file);
       if (d.file.endsWith('missing.img')) throw new VolumeError('ENOENT', 'no such file or directory');
       const v = new MemoryVolume({ size: d.size ?? 1 << 20 });
       volumes.set(d.file, v);
@@ -43,8 +64,13 @@ async function start(doc: unknown): Promise<Daemon> {
     version: '9.9.9',
     baseDir: dir,
   });
-  await daemon.start();
   return daemon;
+}
+
+async function start(doc: unknown, o: MakeOptions = {}): Promise<Daemon> {
+  const d = make(doc, o);
+  await d.start();
+  return d;
 }
 
 function api(method: string, p: string, body?: unknown): Promise<{ status: number; json: any; text: string }> {
@@ -131,6 +157,85 @@ describe('Daemon control API', () => {
     expect(m.status).toBe(200);
     expect(m.text).toContain('# TYPE vstore_disk_reads_total counter\nvstore_disk_reads_total{vm="a",disk="d"} 0\n');
     expect(m.text).toContain('vstore_disk_size_bytes{vm="a",disk="d"} 1048576\n');
+  });
+});
+
+describe('Daemon startup', () => {
+  const twoVms = {
+    runDir: 'run',
+    tcp: { host: '127.0.0.1', port: 0 },
+    vms: [
+      { name: 'vm1', disks: [{ name: 'a', file: 'a.img' }, { name: 'b', file: 'b.img', readOnly: true }] },
+      { name: 'vm2', disks: [{ name: 'c', file: 'c.img' }] },
+    ],
+  };
+
+  it('a stop during startup ends it: start() resolves false, and what was started is taken down', async () => {
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    let reached!: () => void;
+    const atVm2 = new Promise<void>((r) => (reached = r));
+    const d = make(twoVms, {
+      beforeOpen: async (f) => {
+        if (f.endsWith('c.img')) {
+          reached();
+          await held;
+        }
+      },
+    });
+    const started = d.start();
+    await atVm2; // vm1 is up, vm2's disk is opening
+    const stopped = d.stop();
+    release();
+    expect(await started.catch((e: unknown) => e)).toBe(false); // not "vms[1]: the daemon is shutting down"
+    await stopped;
+    for (const v of volumes.values()) expect(v.stats.flushes).toBeGreaterThanOrEqual(1);
+    for (const f of ['control.sock', 'vm1-a.sock', 'vm1-b.sock', 'vm2-c.sock']) expect(existsSync(path.join(dir, 'run', f)), f).toBe(false);
+  });
+
+  it('a stop before the control socket is up never leaves it behind', async () => {
+    for (let n = 0; n < 12; n++) {
+      const d = make({ runDir: 'run', tcp: { host: '127.0.0.1', port: 0 }, vms: [{ name: 'v', disks: [{ name: 'a', file: 'a.img' }] }] });
+      const started = d.start();
+      // stop at successive points of startup
+      for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r));
+      await d.stop();
+      expect(typeof (await started.catch((e: unknown) => e))).toBe('boolean');
+      expect(existsSync(path.join(dir, 'run', 'control.sock'))).toBe(false);
+      expect(existsSync(path.join(dir, 'run', 'v-a.sock'))).toBe(false);
+      daemon = undefined;
+    }
+  });
+
+  it('opens the TCP listener only once every configured disk is exported on it', async () => {
+    let exportsAtListen: string[] | undefined;
+    await start(twoVms, {
+      onListen: (server, addr) => {
+        if ('tcp' in addr) exportsAtListen = server.stats().exports.map((e) => e.name);
+      },
+    });
+    expect(exportsAtListen?.sort()).toEqual(['vm1/a', 'vm1/b', 'vm2/c']);
+  });
+
+  it('reports the bound TCP port, not the configured port 0', async () => {
+    const servers: NbdServer[] = [];
+    await start(twoVms, { servers });
+    const bound = servers[0]!.addresses.flatMap((a) => ('tcp' in a ? [a.tcp] : []));
+    expect(bound).toHaveLength(1);
+    expect(bound[0]!.port).toBeGreaterThan(0);
+    const st = (await api('GET', '/v1/status')).json;
+    expect(st.tcp).toEqual(bound[0]);
+    expect(st.tcpAddresses).toEqual(bound);
+    expect(renderStatus(st).split('\n')[0]).toContain(`, TCP 127.0.0.1:${bound[0]!.port} (exports VM/DISK)`);
+  });
+});
+
+describe('renderStatus', () => {
+  it('shows every bound TCP address, IPv6 in brackets', () => {
+    const base = { pid: 1, version: 'x', startedAt: '', uptimeSeconds: 0, control: '/c', vms: [] };
+    expect(renderStatus({ ...base, tcp: { host: '::1', port: 5 }, tcpAddresses: [{ host: '::1', port: 5 }, { host: '127.0.0.1', port: 5 }] })).toBe(
+      'daemon pid 1, version x, up 0s, control /c, TCP [::1]:5, 127.0.0.1:5 (exports VM/DISK)\nno VMs\n',
+    );
   });
 });
 
