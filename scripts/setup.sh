@@ -12,10 +12,11 @@ DEB_PKGS=(qemu-system-x86 qemu-utils libnbd-bin nbdkit fio busybox-static cpio k
           openssl python3-libnbd gnutls-bin)
 # Command each package provides, to skip apt when everything is present.
 need_apt=0
-for cmd in qemu-system-x86_64 qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio cpio depmod mkfs.ext2 openssl certtool; do
+for cmd in qemu-system-x86_64 qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdcopy nbdsh nbdkit fio cpio depmod mkfs.ext2 e2fsck debugfs openssl certtool; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 [ -x /bin/busybox ] || need_apt=1
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt=1   # nbdsh's Python binding
 if [ "$need_apt" = 1 ]; then
   echo "setup: installing Debian packages: ${DEB_PKGS[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
@@ -23,10 +24,12 @@ if [ "$need_apt" = 1 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${DEB_PKGS[@]}" >/dev/null
 fi
 
-# npm packages: reinstall when package-lock.json changed since the last install.
+# npm packages: reinstall when package-lock.json changed since the last install. `npm install`
+# (which follows the lock file) rather than `npm ci`: npm 11 rejects its own lock files in
+# `npm ci` when they omit other platforms' optional packages (rollup's native builds).
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  echo "setup: npm ci" >&2
-  npm ci --no-audit --no-fund --loglevel=error
+  echo "setup: npm install" >&2
+  npm install --no-audit --no-fund --loglevel=error
 fi
 
 # The C++ addon, built from source against this Node (npm's nodedir setting points node-gyp at
