@@ -8,12 +8,13 @@ import { registerNbd } from './nbd.js';
 import { registerServe } from './serve.js';
 import { registerStatus } from './status.js';
 import { registerVm } from './vm.js';
+import { registerVhostBlk } from '../vhost/cli.js';
 import { packageVersion } from './version.js';
 
 export function buildProgram(): Command {
   const program = new Command('vstore')
     .description(
-      'host-side userspace block driver for QEMU VMs: serves raw images and block devices as NBD exports, one process for every VM, with a control socket and metrics',
+      'host-side userspace block driver for QEMU VMs: serves raw images and block devices as NBD exports and vhost-user-blk devices, one process for every VM, with a control socket and metrics',
     )
     .version(packageVersion(), '-V, --version', 'print the version')
     .helpOption('-h, --help', 'show help (every command has its own: vstore COMMAND --help)')
@@ -23,11 +24,13 @@ export function buildProgram(): Command {
       `
 Examples:
   $ vstore nbd disk.img --socket /tmp/disk.sock          serve one image, like qemu-nbd -k
+  $ vstore vhost-blk disk.img --socket /tmp/vhost.sock   the same image as a vhost-user-blk device
   $ vstore serve --config fixtures/demo.yaml             the daemon
   $ vstore status                                        what the daemon serves
   $ vstore vm add vm2.yaml                               add a VM at runtime`,
     );
   registerNbd(program);
+  registerVhostBlk(program);
   registerServe(program);
   registerStatus(program);
   registerVm(program);
