@@ -2,6 +2,8 @@
 // Offsets cross the JS boundary as doubles: exact up to 2^53, far beyond any volume size.
 #include "file.h"
 
+#include "syserr.h"
+
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -15,31 +17,6 @@
 
 namespace vstore {
 namespace {
-
-// A Node-style system error: message "CODE: strerror, syscall", with .code and .errno set so
-// that toVolumeError() maps it like an fs error.
-Napi::Error SysError(Napi::Env env, int err, const char* syscall) {
-  const char* code = "EIO";
-  switch (err) {
-    case EBADF: code = "EBADF"; break;
-    case EINVAL: code = "EINVAL"; break;
-    case ENOSPC: code = "ENOSPC"; break;
-    case EOPNOTSUPP: code = "ENOTSUP"; break;
-    case ENOSYS: code = "ENOSYS"; break;
-    case EFBIG: code = "EFBIG"; break;
-    case EPERM: code = "EPERM"; break;
-    case EROFS: code = "EROFS"; break;
-    case ENOTTY: code = "ENOTSUP"; break;
-    case EIO: code = "EIO"; break;
-    default: break;
-  }
-  std::string msg = std::string(code) + ": " + strerror(err) + ", " + syscall;
-  Napi::Error e = Napi::Error::New(env, msg);
-  e.Set("code", Napi::String::New(env, code));
-  e.Set("errno", Napi::Number::New(env, -err));
-  e.Set("syscall", Napi::String::New(env, syscall));
-  return e;
-}
 
 bool ArgInt(const Napi::CallbackInfo& info, size_t i, int64_t* out) {
   if (info.Length() <= i || !info[i].IsNumber()) return false;

@@ -6,6 +6,8 @@
 // error (.code, .errno, .syscall) on failure; it never aborts the process.
 #include "vhost.h"
 
+#include "syserr.h"
+
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -26,39 +28,8 @@ namespace {
 // Largest number of fds accepted with one message (vhost-user sends at most 8, the memory table).
 constexpr int kMaxFds = 32;
 
-Napi::Error SysErr(Napi::Env env, int err, const char* syscall) {
-  const char* code = "EIO";
-  switch (err) {
-    case EBADF: code = "EBADF"; break;
-    case EINVAL: code = "EINVAL"; break;
-    case ENOSPC: code = "ENOSPC"; break;
-    case ENOMEM: code = "ENOMEM"; break;
-    case EACCES: code = "EACCES"; break;
-    case EPERM: code = "EPERM"; break;
-    case ENOENT: code = "ENOENT"; break;
-    case EEXIST: code = "EEXIST"; break;
-    case EADDRINUSE: code = "EADDRINUSE"; break;
-    case ECONNREFUSED: code = "ECONNREFUSED"; break;
-    case ECONNRESET: code = "ECONNRESET"; break;
-    case EPIPE: code = "EPIPE"; break;
-    case ENAMETOOLONG: code = "ENAMETOOLONG"; break;
-    case EAGAIN: code = "EAGAIN"; break;
-    case ETIMEDOUT: code = "ETIMEDOUT"; break;
-    case ENODEV: code = "ENODEV"; break;
-    case EMFILE: code = "EMFILE"; break;
-    case EOVERFLOW: code = "EOVERFLOW"; break;
-    default: break;
-  }
-  std::string msg = std::string(code) + ": " + strerror(err) + ", " + syscall;
-  Napi::Error e = Napi::Error::New(env, msg);
-  e.Set("code", Napi::String::New(env, code));
-  e.Set("errno", Napi::Number::New(env, -err));
-  e.Set("syscall", Napi::String::New(env, syscall));
-  return e;
-}
-
 Napi::Value Throw(Napi::Env env, int err, const char* syscall) {
-  SysErr(env, err, syscall).ThrowAsJavaScriptException();
+  SysError(env, err, syscall).ThrowAsJavaScriptException();
   return env.Undefined();
 }
 
