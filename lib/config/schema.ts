@@ -57,6 +57,23 @@ export const nbdDiskSchema = z.strictObject({
   export: z.string().max(4096).optional(),
 });
 
+/** Most virtqueues a daemon disk's vhost-user-blk device offers. */
+export const MAX_VHOST_QUEUES = 16;
+/** virtio-blk's GET_ID answer is 20 bytes. */
+export const MAX_VHOST_SERIAL_BYTES = 20;
+
+export const vhostUserDiskSchema = z.strictObject({
+  /** Unix socket of this disk's vhost-user-blk device; default `<runDir>/<vm>-<disk>.vhost.sock`. */
+  socket: socketPathSchema.optional(),
+  /** Virtqueues offered (QEMU's vhost-user-blk-pci num-queues); default 1. */
+  queues: z.number().int('expected an integer').min(1, 'at least 1').max(MAX_VHOST_QUEUES, `at most ${MAX_VHOST_QUEUES}`).optional(),
+  /** Device id the guest reads (VIRTIO_BLK_T_GET_ID); default "vstore". */
+  serial: z
+    .string()
+    .refine((s) => Buffer.byteLength(s) <= MAX_VHOST_SERIAL_BYTES, `at most ${MAX_VHOST_SERIAL_BYTES} bytes (virtio-blk's device id)`)
+    .optional(),
+});
+
 export const diskSchema = z.strictObject({
   name: nameSchema,
   /** Raw image file or block device. */
@@ -66,7 +83,14 @@ export const diskSchema = z.strictObject({
   readOnly: z.boolean().optional(),
   /** Open with O_DIRECT (bypass the host page cache). */
   direct: z.boolean().optional(),
-  nbd: nbdDiskSchema.optional(),
+  /** The NBD server on its own socket (the default); `false` serves no NBD socket. */
+  nbd: z.union([z.literal(false), nbdDiskSchema]).optional(),
+  /** A vhost-user-blk device on its own socket, over the same volume as the NBD server. */
+  vhostUser: vhostUserDiskSchema.optional(),
+}).superRefine((d, ctx) => {
+  if (d.nbd === false && d.vhostUser === undefined) {
+    ctx.addIssue({ code: 'custom', path: ['nbd'], message: 'false leaves the disk with no socket: serve NBD, or add vhostUser' });
+  }
 });
 
 function noDuplicates<T extends { name: string }>(items: T[], ctx: z.RefinementCtx, what: string): void {
@@ -119,7 +143,10 @@ export interface DiskConfig {
   size?: number;
   readOnly: boolean;
   direct: boolean;
-  nbd: { socket: string; export: string };
+  /** The NBD socket; absent with `nbd: false`. */
+  nbd?: { socket: string; export: string };
+  /** The vhost-user-blk socket; absent unless configured. */
+  vhostUser?: { socket: string; queues: number; serial?: string };
 }
 
 export interface VmConfig {
@@ -176,6 +203,15 @@ export function formatPath(p: ReadonlyArray<PropertyKey>, prefix = ''): string {
 export function formatIssues(issues: ReadonlyArray<z.core.$ZodIssue>, prefix = ''): string[] {
   const out: string[] = [];
   for (const iss of issues) {
+    if (iss.code === 'invalid_union') {
+      // `nbd: false | {...}`: when exactly one branch got past the type check (an object with
+      // a bad field), its issues are the ones that name the problem.
+      const deep = iss.errors.filter((b) => !b.every((e) => e.path.length === 0 && (e.code === 'invalid_type' || e.code === 'invalid_value')));
+      if (deep.length === 1) {
+        out.push(...formatIssues(deep[0]!.map((e) => ({ ...e, path: [...iss.path, ...e.path] })), prefix));
+        continue;
+      }
+    }
     if (iss.code === 'unrecognized_keys') {
       for (const k of iss.keys) out.push(`${formatPath([...iss.path, k], prefix)}: unknown field`);
       continue;
@@ -208,14 +244,26 @@ export function validate<S extends z.ZodType>(schema: S, data: unknown, opts: { 
 }
 
 export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx: ResolveContext): DiskConfig {
-  const socket = d.nbd?.socket ? path.resolve(ctx.baseDir, d.nbd.socket) : path.join(ctx.runDir, `${vmName}-${d.name}.sock`);
+  const nbd = d.nbd === false ? undefined : d.nbd ?? {};
+  const vu = d.vhostUser;
   return {
     name: d.name,
     file: path.resolve(ctx.baseDir, d.file),
     ...(d.size !== undefined ? { size: d.size } : {}),
     readOnly: d.readOnly ?? false,
     direct: d.direct ?? false,
-    nbd: { socket, export: d.nbd?.export ?? '' },
+    ...(nbd
+      ? { nbd: { socket: nbd.socket ? path.resolve(ctx.baseDir, nbd.socket) : path.join(ctx.runDir, `${vmName}-${d.name}.sock`), export: nbd.export ?? '' } }
+      : {}),
+    ...(vu
+      ? {
+          vhostUser: {
+            socket: vu.socket ? path.resolve(ctx.baseDir, vu.socket) : path.join(ctx.runDir, `${vmName}-${d.name}.vhost.sock`),
+            queues: vu.queues ?? 1,
+            ...(vu.serial !== undefined ? { serial: vu.serial } : {}),
+          },
+        }
+      : {}),
   };
 }
 
@@ -231,18 +279,28 @@ export function checkResolved(vms: VmConfig[], prefixOf: (vm: number, disk: numb
   const problems: string[] = [];
   const used = new Map<string, string>();
   vms.forEach((vm, i) =>
-    vm.disks.forEach((d, j) => {
-      const where = `${prefixOf(i, j)}.nbd.socket`;
-      if (Buffer.byteLength(d.nbd.socket) > MAX_SOCKET_PATH) {
-        problems.push(`${where}: socket path ${d.nbd.socket} is longer than ${MAX_SOCKET_PATH} bytes (set nbd.socket or a shorter runDir)`);
-      }
-      const other = used.get(d.nbd.socket);
-      if (other) problems.push(`${where}: socket ${d.nbd.socket} is also used by ${other}`);
-      else if (taken.has(d.nbd.socket)) problems.push(`${where}: socket ${d.nbd.socket} is already in use by another disk`);
-      used.set(d.nbd.socket, `${vm.name}/${d.name}`);
-    }),
+    vm.disks.forEach((d, j) =>
+      diskSockets(d).forEach(({ field, socket }) => {
+        const where = `${prefixOf(i, j)}.${field}`;
+        if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
+          problems.push(`${where}: socket path ${socket} is longer than ${MAX_SOCKET_PATH} bytes (set ${field} or a shorter runDir)`);
+        }
+        const other = used.get(socket);
+        if (other) problems.push(`${where}: socket ${socket} is also used by ${other}`);
+        else if (taken.has(socket)) problems.push(`${where}: socket ${socket} is already in use by another disk`);
+        used.set(socket, `${vm.name}/${d.name}${field === 'nbd.socket' ? '' : ` (${field})`}`);
+      }),
+    ),
   );
   return problems;
+}
+
+/** The unix sockets a resolved disk listens on, each with the config field that sets it. */
+export function diskSockets(d: DiskConfig): Array<{ field: 'nbd.socket' | 'vhostUser.socket'; socket: string }> {
+  return [
+    ...(d.nbd ? [{ field: 'nbd.socket' as const, socket: d.nbd.socket }] : []),
+    ...(d.vhostUser ? [{ field: 'vhostUser.socket' as const, socket: d.vhostUser.socket }] : []),
+  ];
 }
 
 /** Validates and resolves a whole config document; `baseDir` anchors relative paths. */
