@@ -9,13 +9,14 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 DEB_PKGS=(qemu-system-x86 qemu-utils libnbd-bin nbdkit fio busybox-static cpio kmod e2fsprogs
-          openssl python3-libnbd gnutls-bin)
+          openssl python3-libnbd gnutls-bin liburing-dev)
 # Command each package provides, to skip apt when everything is present.
 need_apt=0
 for cmd in qemu-system-x86_64 qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdcopy nbdsh nbdkit fio cpio depmod mkfs.ext2 e2fsck debugfs openssl certtool; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 [ -x /bin/busybox ] || need_apt=1
+test -f /usr/include/liburing.h || need_apt=1   # liburing-dev: the addon's io_uring engine
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt=1   # nbdsh's Python binding
 if [ "$need_apt" = 1 ]; then
   echo "setup: installing Debian packages: ${DEB_PKGS[*]}" >&2

@@ -10,7 +10,8 @@
  */
 import { constants as FS, promises as fsp, read as fsRead, write as fsWrite, writeSync, type Stats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { native, type NativeAddon } from '../native/index.js';
+import type { Logger } from 'pino';
+import { native, type NativeAddon, type NativeUring } from '../native/index.js';
 import { toVolumeError, VolumeError } from './errors.js';
 import type { BlockLimits, Extent, Volume, VolumeCapabilities, WriteOptions, ZeroOptions } from './volume.js';
 
@@ -28,9 +29,24 @@ export interface FileVolumeOptions {
    * thread pool (default true; never with `direct`). See `write` for how stalls are contained.
    */
   inlineWrites?: boolean;
+  /**
+   * How reads that miss the page cache, writes that are not inline, and fdatasync reach the
+   * kernel: libuv's thread pool, or an io_uring of the volume's own ('auto': io_uring where the
+   * kernel offers it). Where io_uring is unavailable (old kernel, ENOSYS, seccomp, the addon not
+   * built) 'uring' falls back to the thread pool, with a debug log. Default: DEFAULT_ENGINE.
+   */
+  engine?: FileEngine;
+  /** For the debug line saying that io_uring is unavailable. */
+  logger?: Pick<Logger, 'debug'>;
   /** Override the addon (tests; `null` runs without it, as on a machine where it is not built). */
   native?: NativeAddon | null;
 }
+
+export type FileEngine = 'threadpool' | 'uring' | 'auto';
+/** See the measurements at FileVolume.open. */
+export const DEFAULT_ENGINE: FileEngine = 'threadpool';
+/** Submission slots of a volume's ring (more requests than this in one turn cost an extra submit). */
+const URING_ENTRIES = 256;
 
 /** Extents answered by one blockStatus call at most (the caller asks again for the rest). */
 export const MAX_EXTENTS = 1024;
@@ -74,14 +90,17 @@ export class FileVolume implements Volume {
   /** Reads may try the page cache first (buffered descriptor and an addon that has readNowait). */
   private readonly nowait: boolean;
   private readonly inlineWrites: boolean;
+  /** The volume's io_uring, when its engine is 'uring'. */
+  private readonly ring: UringEngine | null;
   /** performance.now() before which writes avoid the event loop (after a stall). */
   private inlineResumeAt = 0;
   /** Inline writes that stalled (each one turned inline writes off for INLINE_BACKOFF_MS). */
   inlineStalls = 0;
   private closed = false;
 
-  private constructor(p: string, fh: FileHandle, fallback: FileHandle | undefined, st: Stats, size: number, opts: FileVolumeOptions, addon: NativeAddon | null) {
+  private constructor(p: string, fh: FileHandle, fallback: FileHandle | undefined, st: Stats, size: number, opts: FileVolumeOptions, addon: NativeAddon | null, ring: UringEngine | null) {
     this.path = p;
+    this.ring = ring;
     this.fh = fh;
     this.fd = fh.fd;
     this.fallback = fallback;
@@ -147,12 +166,19 @@ export class FileVolume implements Volume {
         fallback = await fsp.open(p, readOnly ? FS.O_RDONLY : FS.O_RDWR);
         size -= size % 512;
       }
-      return new FileVolume(p, fh, fallback, st, size, opts, addon);
+      const engine = opts.engine ?? DEFAULT_ENGINE;
+      const ring = engine === 'threadpool' ? null : UringEngine.create(addon, URING_ENTRIES, opts.logger);
+      return new FileVolume(p, fh, fallback, st, size, opts, addon, ring);
     } catch (e) {
       await fh.close().catch(() => {});
       await fallback?.close().catch(() => {});
       throw toVolumeError(e);
     }
+  }
+
+  /** The engine in use (after any fallback). */
+  get engine(): 'threadpool' | 'uring' {
+    return this.ring ? 'uring' : 'threadpool';
   }
 
   get caps(): VolumeCapabilities {
@@ -223,7 +249,7 @@ export class FileVolume implements Volume {
         const { bytesWritten } = await this.writeOnce(buf, done, len - done, offset + done);
         done += bytesWritten;
       }
-      if (opts?.fua) await this.fh.datasync();
+      if (opts?.fua) await this.datasync();
     } catch (e) {
       throw toVolumeError(e);
     }
@@ -232,7 +258,7 @@ export class FileVolume implements Volume {
   async flush(): Promise<void> {
     if (this.readOnly) return;
     try {
-      await this.fh.datasync();
+      await this.datasync();
     } catch (e) {
       throw toVolumeError(e);
     }
@@ -245,7 +271,7 @@ export class FileVolume implements Volume {
     if (!this.canPunch) return;
     try {
       await this.addon!.punchHole(this.fd, offset, length);
-      if (opts?.fua) await this.fh.datasync();
+      if (opts?.fua) await this.datasync();
     } catch (e) {
       if (isNotSupported(e)) {
         this.canPunch = false;
@@ -268,7 +294,7 @@ export class FileVolume implements Volume {
       } else {
         await this.writeZeroBuffers(offset, length);
       }
-      if (opts?.fua) await this.fh.datasync();
+      if (opts?.fua) await this.datasync();
     } catch (e) {
       throw toVolumeError(e);
     }
@@ -314,6 +340,7 @@ export class FileVolume implements Volume {
     if (this.closed) return;
     this.closed = true;
     try {
+      await this.ring?.close();
       await this.fh.close();
       await this.fallback?.close();
     } catch (e) {
@@ -321,7 +348,21 @@ export class FileVolume implements Volume {
     }
   }
 
+  private datasync(): Promise<void> {
+    return this.ring ? this.ring.fsync(this.fd, true) : this.fh.datasync();
+  }
+
   private readOnce(buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesRead: number }> {
+    const ring = this.ring;
+    if (ring) {
+      const view = off === 0 && len === buf.length ? buf : buf.subarray(off, off + len);
+      const r = ring.read(this.fd, view, pos);
+      const out = this.fallback ? r.catch((e: unknown) => {
+        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+        return ring.read(this.fallback!.fd, view, pos); // unaligned for O_DIRECT
+      }) : r;
+      return out.then((bytesRead) => ({ bytesRead }));
+    }
     if (!this.fallback) return readFd(this.fd, buf, off, len, pos);
     return this.fh.read(buf, off, len, pos).catch((e: unknown) => {
       if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
@@ -330,6 +371,16 @@ export class FileVolume implements Volume {
   }
 
   private writeOnce(buf: Buffer, off: number, len: number, pos: number): Promise<{ bytesWritten: number }> {
+    const ring = this.ring;
+    if (ring) {
+      const view = off === 0 && len === buf.length ? buf : buf.subarray(off, off + len);
+      const r = ring.write(this.fd, view, pos);
+      const out = this.fallback ? r.catch((e: unknown) => {
+        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+        return ring.write(this.fallback!.fd, view, pos); // unaligned for O_DIRECT
+      }) : r;
+      return out.then((bytesWritten) => ({ bytesWritten }));
+    }
     if (!this.fallback) return writeFd(this.fd, buf, off, len, pos);
     return this.fh.write(buf, off, len, pos).catch((e: unknown) => {
       if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
@@ -391,4 +442,111 @@ function writeFd(fd: number, buf: Buffer, off: number, len: number, pos: number)
   return new Promise((resolve, reject) => {
     fsWrite(fd, buf, off, len, pos, (err, bytesWritten) => (err ? reject(err) : resolve({ bytesWritten })));
   });
+}
+
+interface UringOp {
+  resolve(n: number): void;
+  reject(e: unknown): void;
+  /** Keeps the buffer alive while the kernel may still write into it or read from it. */
+  buf: Uint8Array | null;
+  syscall: string;
+}
+
+/**
+ * Promises over the addon's io_uring (native/src/uring.cc). Requests are slots in a table (the
+ * slot index is the id the ring carries), which also holds each buffer until its completion.
+ * Shared by anything that does positioned I/O on descriptors (file volumes, the cache device).
+ */
+export class UringEngine {
+  private readonly ring: NativeUring;
+  private readonly addon: NativeAddon;
+  private readonly slots: (UringOp | undefined)[] = [];
+  private readonly free: number[] = [];
+  private pending = 0;
+  private closing = false;
+  private drained: (() => void) | undefined;
+
+  private constructor(addon: NativeAddon, entries: number) {
+    this.addon = addon;
+    this.ring = new addon.Uring!(entries, (pairs, count) => this.complete(pairs, count));
+  }
+
+  /** A ring, or null (logged at debug) where io_uring or the addon is unavailable. */
+  static create(addon: NativeAddon | null, entries = URING_ENTRIES, logger?: Pick<Logger, 'debug'>): UringEngine | null {
+    if (!addon?.Uring) {
+      logger?.debug('io_uring engine unavailable (native addon without Uring); using the thread pool');
+      return null;
+    }
+    try {
+      return new UringEngine(addon, entries);
+    } catch (e) {
+      logger?.debug({ err: e }, 'io_uring unavailable; using the thread pool');
+      return null;
+    }
+  }
+
+  get inFlight(): number {
+    return this.pending;
+  }
+
+  read(fd: number, buf: Uint8Array, pos: number): Promise<number> {
+    return this.queue(0, fd, buf, pos, 'read');
+  }
+
+  write(fd: number, buf: Uint8Array, pos: number): Promise<number> {
+    return this.queue(1, fd, buf, pos, 'write');
+  }
+
+  async fsync(fd: number, datasync = true): Promise<void> {
+    await this.queue(2, fd, null, datasync ? 1 : 0, datasync ? 'fdatasync' : 'fsync');
+  }
+
+  /** Cancels what the kernel can, waits for the rest, then frees the ring. New requests fail with EBADF. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    if (this.pending > 0) {
+      const done = new Promise<void>((r) => (this.drained = r));
+      this.ring.cancelAll();
+      await done;
+    }
+    this.ring.close();
+  }
+
+  private queue(kind: 0 | 1 | 2, fd: number, buf: Uint8Array | null, pos: number, syscall: string): Promise<number> {
+    if (this.closing) return Promise.reject(this.addon.uringError!(9 /* EBADF */, syscall));
+    return new Promise<number>((resolve, reject) => {
+      const id = this.free.length > 0 ? this.free.pop()! : this.slots.length;
+      try {
+        if (kind === 0) this.ring.read(fd, buf!, pos, id);
+        else if (kind === 1) this.ring.write(fd, buf!, pos, id);
+        else this.ring.fsync(fd, pos === 1, id);
+      } catch (e) {
+        this.free.push(id);
+        reject(e);
+        return;
+      }
+      this.slots[id] = { resolve, reject, buf, syscall };
+      this.pending++;
+    });
+  }
+
+  private complete(pairs: Int32Array, count: number): void {
+    for (let i = 0; i < count; i++) {
+      const id = pairs[2 * i]!;
+      const res = pairs[2 * i + 1]!;
+      const op = this.slots[id];
+      if (!op) continue;
+      this.slots[id] = undefined;
+      this.free.push(id);
+      this.pending--;
+      if (res >= 0) op.resolve(res);
+      else op.reject(this.addon.uringError!(-res, op.syscall));
+    }
+    if (this.pending === 0 && this.drained) {
+      const d = this.drained;
+      this.drained = undefined;
+      d();
+    }
+  }
 }

@@ -72,6 +72,35 @@ export interface NativeAddon {
    * close() stops watching for good; the fd stays open.
    */
   FdWatcher: new (fd: number, callback: (status: number, events: number) => void, opts?: { eventfd?: boolean }) => NativeFdWatcher;
+
+  // io_uring engine (native/src/uring.cc, liburing); the promise layer is UringEngine in lib/block/file.ts.
+  /**
+   * An io_uring of `entries` submission slots (throws a system error, e.g. ENOSYS or EPERM, where
+   * io_uring is unavailable). Requests queued in one event-loop turn are submitted together just
+   * before the loop blocks; completions come back in batches: `onComplete(pairs, count)` with
+   * pairs[2i] the request id and pairs[2i+1] its result (bytes, or a negative errno). `pairs` is
+   * reused by the next batch.
+   */
+  Uring?: new (entries: number, onComplete: (pairs: Int32Array, count: number) => void) => NativeUring;
+  /** The Node-style Error (code, errno, syscall) for a positive errno, as every addon error. */
+  uringError?(errno: number, syscall: string): Error;
+}
+
+/**
+ * An io_uring. read/write/fsync only queue (ids are the caller's, integers < 2^31); the buffer
+ * must stay referenced by the caller until its id completes.
+ */
+export interface NativeUring {
+  read(fd: number, buf: Uint8Array, offset: number, id: number): void;
+  write(fd: number, buf: Uint8Array, offset: number, id: number): void;
+  fsync(fd: number, datasync: boolean, id: number): void;
+  /** Submits what is queued now (otherwise done once per event-loop turn). Returns the count submitted. */
+  submit(): number;
+  /** Asks the kernel to cancel everything in flight (they complete with -ECANCELED, or normally). */
+  cancelAll(): void;
+  /** Blocks until nothing is in flight (not delivering those completions), then frees the ring. */
+  close(): void;
+  readonly inFlight: number;
 }
 
 export interface NativeFdWatcher {

@@ -304,3 +304,130 @@ describe('FileVolume inline writes', () => {
     }
   });
 });
+
+describe('FileVolume engine uring', () => {
+  const open = (p: string, extra: Parameters<typeof FileVolume.open>[1] = {}): Promise<FileVolume> =>
+    FileVolume.open(p, { create: { size: 4 * MiB }, engine: 'uring', ...extra });
+
+  it('uses the ring for misses, large reads, non-inline writes and fdatasync', async () => {
+    const p = fresh();
+    const v = await open(p, { inlineWrites: false });
+    expect(v.engine).toBe('uring');
+    const ring = (v as unknown as { ring: { read: unknown; write: unknown; fsync: unknown } }).ring;
+    const reads = vi.spyOn(ring as { read: () => void }, 'read');
+    const writes = vi.spyOn(ring as { write: () => void }, 'write');
+    const syncs = vi.spyOn(ring as { fsync: () => void }, 'fsync');
+    const data = Buffer.alloc(3 * MiB + 77);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
+    await v.write(1001, data, { fua: true });
+    expect(writes).toHaveBeenCalled();
+    expect(syncs).toHaveBeenCalledTimes(1);
+    const back = Buffer.alloc(data.length);
+    await v.read(1001, back);
+    expect(reads).toHaveBeenCalled();
+    expect(back.equals(data)).toBe(true);
+    await v.flush();
+    expect(syncs).toHaveBeenCalledTimes(2);
+    await v.close();
+    expect(readFileSync(p).subarray(1001, 1001 + data.length).equals(data)).toBe(true);
+  });
+
+  it('behaves like a buffer under random concurrent non-overlapping requests', async () => {
+    const p = fresh();
+    const v = await open(p, { inlineWrites: false });
+    const model = Buffer.alloc(v.size);
+    let seed = 42;
+    const rnd = (n: number): number => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff) % n);
+    for (let round = 0; round < 20; round++) {
+      // 32 requests on disjoint 128 KiB slots, at random offsets and lengths inside them
+      const slots = Array.from({ length: 32 }, (_, i) => i).sort(() => rnd(3) - 1);
+      await Promise.all(
+        slots.map(async (s) => {
+          const off = s * 128 * KiB + rnd(64 * KiB);
+          const len = 1 + rnd(64 * KiB);
+          if (rnd(2) === 0) {
+            const b = Buffer.alloc(len, 1 + rnd(255));
+            b.copy(model, off);
+            await v.write(off, b);
+          } else {
+            const b = Buffer.alloc(len);
+            await v.read(off, b);
+            expect(b.equals(model.subarray(off, off + len))).toBe(true);
+          }
+        }),
+      );
+    }
+    await v.close();
+    expect(readFileSync(p).equals(model)).toBe(true);
+  });
+
+  it('close waits for requests in flight', async () => {
+    const p = fresh();
+    const v = await open(p, { inlineWrites: false });
+    const writes = Array.from({ length: 16 }, (_, i) => v.write(i * 256 * KiB, Buffer.alloc(256 * KiB, i + 1)).then(() => true, () => false));
+    await v.close();
+    const done = await Promise.all(writes);
+    const file = readFileSync(p);
+    done.forEach((ok, i) => {
+      if (ok) expect(file.subarray(i * 256 * KiB, (i + 1) * 256 * KiB).every((x) => x === i + 1)).toBe(true);
+    });
+  });
+
+  it('direct mode through the ring: aligned and unaligned requests', async () => {
+    const p = fresh();
+    let v: FileVolume;
+    try {
+      v = await open(p, { direct: true });
+    } catch (e) {
+      expect((e as { code: string }).code).toBe('EINVAL');
+      return;
+    }
+    await v.write(4096, Buffer.alloc(4096, 5));
+    await v.write(100, Buffer.from('unaligned'));
+    const b = Buffer.alloc(8192);
+    await v.read(0, b);
+    expect(b.subarray(100, 109).toString()).toBe('unaligned');
+    expect(b.subarray(4096).every((x) => x === 5)).toBe(true);
+    await v.close();
+  });
+
+  it('falls back to the thread pool, with a debug log, where io_uring is unavailable', async () => {
+    const real = native();
+    const debug = vi.fn();
+    // an addon without Uring (not rebuilt), and one whose ring cannot be set up (seccomp, old kernel)
+    const noRing = { ...real, Uring: undefined };
+    const enosys = {
+      ...real,
+      Uring: function () {
+        throw Object.assign(new Error('ENOSYS: Function not implemented, io_uring_setup'), { code: 'ENOSYS' });
+      } as unknown as typeof real.Uring,
+    };
+    for (const addon of [noRing, enosys]) {
+      const v = await open(fresh(), { native: addon, logger: { debug } });
+      expect(v.engine).toBe('threadpool');
+      await v.write(0, Buffer.alloc(128 * KiB, 3));
+      const b = Buffer.alloc(128 * KiB);
+      await v.read(0, b);
+      expect(b.every((x) => x === 3)).toBe(true);
+      await v.flush();
+      await v.close();
+    }
+    expect(debug).toHaveBeenCalledTimes(2);
+    const tp = await open(fresh(), { engine: 'threadpool' });
+    expect(tp.engine).toBe('threadpool');
+    await tp.close();
+  });
+
+  it('passes a real ENOSPC through the ring', async () => {
+    const mnt = mkdtempSync(path.join(tmpdir(), 'vstore-enospc-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', mnt]);
+    try {
+      const v = await FileVolume.open(path.join(mnt, 'img'), { create: { size: 4 * MiB }, engine: 'uring', inlineWrites: false });
+      await expect(v.write(0, Buffer.alloc(MiB, 8))).rejects.toMatchObject({ name: 'VolumeError', code: 'ENOSPC' });
+      await v.close();
+    } finally {
+      execFileSync('umount', [mnt]);
+      rmSync(mnt, { recursive: true, force: true });
+    }
+  });
+});
