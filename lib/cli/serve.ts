@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { loadConfig } from '../config/load.js';
 import { LOG_LEVELS } from '../config/schema.js';
 import { Daemon, formatHostPort } from '../daemon/daemon.js';
+import { createVhostBlkServer } from '../daemon/vhost.js';
 import { createLogger } from '../log.js';
 import { NbdServer } from '../nbd/server.js';
 import { exitAfterLogs, failAfterLogs, stopOnSignals } from './signals.js';
@@ -15,7 +16,7 @@ export function registerServe(program: Command): void {
     .command('serve')
     .summary('run the host daemon (every VM disk of a config, control socket, metrics)')
     .description(
-      "run the host daemon in the foreground: serve every VM disk of the config over NBD (a unix socket per disk, and optionally one TCP listener), with a control socket for `vstore status`, `vstore vm ...`, `vstore disk ...` and /metrics; SIGTERM or SIGINT drains in-flight requests, flushes every disk, removes the sockets and exits 0",
+      "run the host daemon in the foreground: serve every VM disk of the config over NBD (a unix socket per disk, and optionally one TCP listener) and/or vhost-user-blk (a unix socket per disk), with a control socket for `vstore status`, `vstore vm ...`, `vstore disk ...` and /metrics; SIGTERM or SIGINT drains in-flight requests, flushes every disk, removes the sockets and exits 0",
     )
     .requiredOption('-c, --config <file>', 'daemon config, JSON or YAML (see fixtures/demo.yaml)')
     .addOption(new Option('--log-level <level>', 'log level, overriding the config’s log.level').choices([...LOG_LEVELS]))
@@ -34,6 +35,7 @@ Logs are JSON lines (pino) on stderr.`,
       const daemon = new Daemon(config, {
         logger,
         createServer: (o) => new NbdServer(o),
+        createVhostServer: createVhostBlkServer,
         version: packageVersion(),
         baseDir: path.dirname(path.resolve(opts.config)),
       });
@@ -60,7 +62,8 @@ Logs are JSON lines (pino) on stderr.`,
         const st = daemon.status();
         for (const vm of st.vms) {
           for (const d of vm.disks) {
-            process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
+            if (d.socket) process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
+            if (d.vhostUser) process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on vhost-user-blk ${d.vhostUser.socket} (${d.vhostUser.queues} queue${d.vhostUser.queues === 1 ? '' : 's'})\n`);
           }
         }
         const tcp = (st.tcpAddresses ?? []).map((a) => formatHostPort(a.host, a.port)).join(', ');

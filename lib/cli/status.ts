@@ -36,9 +36,14 @@ export function renderStatus(s: DaemonStatus): string {
   if (tcp.length) out += `, TCP ${tcp.map((a) => formatHostPort(a.host, a.port)).join(', ')} (exports VM/DISK)`;
   out += `\n`;
   if (s.vms.length === 0) return out + 'no VMs\n';
-  const rows = [['VM', 'DISK', 'SIZE', 'MODE', 'CONN', 'INFLIGHT', 'READS', 'WRITES', 'ERRORS', 'SOCKET', 'EXPORT', 'FILE']];
+  const vhost = s.vms.some((vm) => vm.disks.some((d) => d.vhostUser));
+  const header = ['VM', 'DISK', 'SIZE', 'MODE', 'CONN', 'INFLIGHT', 'READS', 'WRITES', 'ERRORS', 'SOCKET', 'EXPORT'];
+  // The vhost-user columns only when some disk has a vhost-user-blk socket.
+  if (vhost) header.push('VHOST-USER', 'VU-CONN', 'VU-REQS', 'VU-ERRORS');
+  header.push('FILE');
+  const rows = [header];
   for (const vm of s.vms) {
-    if (vm.disks.length === 0) rows.push([vm.name, '-', '', '', '', '', '', '', '', '', '', '']);
+    if (vm.disks.length === 0) rows.push([vm.name, '-', ...header.slice(2).map(() => '')]);
     for (const d of vm.disks) {
       rows.push([
         vm.name,
@@ -50,8 +55,9 @@ export function renderStatus(s: DaemonStatus): string {
         String(d.reads),
         String(d.writes),
         String(d.errors),
-        d.socket,
-        JSON.stringify(d.export),
+        d.socket || '-',
+        d.socket ? JSON.stringify(d.export) : '-',
+        ...(vhost ? vhostCells(d) : []),
         d.file,
       ]);
     }
@@ -59,11 +65,18 @@ export function renderStatus(s: DaemonStatus): string {
   return out + renderTable(rows);
 }
 
+/** Socket, front end connected (and connections so far), requests completed, errors and drops. */
+function vhostCells(d: DaemonStatus['vms'][number]['disks'][number]): string[] {
+  const v = d.vhostUser;
+  if (!v) return ['-', '', '', ''];
+  return [v.socket, `${v.connected ? 1 : 0}/${v.connections}`, String(v.ok + v.ioerr + v.unsupp), String(v.ioerr + v.unsupp + v.dropped)];
+}
+
 export function registerStatus(program: Command): void {
   program
     .command('status')
     .summary("show the running daemon's VMs, disks and counters")
-    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export and file")
+    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one) and file")
     .addOption(controlOption())
     .option('--json', 'print the raw status object (GET /v1/status) as JSON', false)
     .addHelpText(

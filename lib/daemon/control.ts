@@ -215,5 +215,17 @@ export function renderMetrics(s: DaemonStatus): string {
   per('vstore_disk_read_bytes_total', 'counter', 'Bytes read by clients.', (d) => d.bytesRead);
   per('vstore_disk_written_bytes_total', 'counter', 'Bytes written by clients.', (d) => d.bytesWritten);
   per('vstore_disk_errors_total', 'counter', 'Requests answered with an error.', (d) => d.errors);
+  // vhost-user-blk devices: only the disks that have one get rows
+  const vu = disks.flatMap(({ labels, d }) => (d.vhostUser ? [{ labels, v: d.vhostUser }] : []));
+  family('vstore_disk_vhost_user_connected', 'gauge', '1 when a vhost-user-blk front end (QEMU) is connected to the disk.', vu.map(({ labels, v }) => [labels, v.connected ? 1 : 0]));
+  family('vstore_disk_vhost_user_connections_total', 'counter', 'vhost-user-blk front-end connections accepted.', vu.map(({ labels, v }) => [labels, v.connections]));
+  family(
+    'vstore_disk_vhost_user_requests_total',
+    'counter',
+    'vhost-user-blk requests completed, by virtio-blk status (ok, ioerr, unsupp), and dropped unanswered.',
+    vu.flatMap(({ labels, v }) =>
+      (['ok', 'ioerr', 'unsupp', 'dropped'] as const).map((k): [string, number] => [`${labels.slice(0, -1)},status="${k}"}`, v[k]]),
+    ),
+  );
   return out.join('\n') + '\n';
 }

@@ -4,7 +4,7 @@
  * factories, starts it — every configured disk, then the TCP listener, then the control socket,
  * so that neither listener accepts before every disk is there — and takes it down in order on
  * stop() (which, during startup, ends startup at the next step and takes down what was started):
- *   stop accepting (control socket, then every NBD listener) -> drain in-flight requests ->
+ *   stop accepting (control socket, then every NBD and vhost-user listener) -> drain in-flight requests ->
  *   flush every disk -> remove sockets.
  * Signals are the caller's business (lib/cli/serve.ts): the daemon is a plain object.
  */
@@ -14,11 +14,13 @@ import { ConfigError, type DaemonConfig, type DiskConfig } from '../config/schem
 import type { Logger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
 import { ControlServer, type DaemonStatus } from './control.js';
-import { RegistryError, VmRegistry, type NbdServerFactory, type NbdServerLike, type VolumeOpener } from './registry.js';
+import { RegistryError, VmRegistry, type NbdServerFactory, type NbdServerLike, type VhostServerFactory, type VolumeOpener } from './registry.js';
 
 export interface DaemonDeps {
   logger: Logger;
   createServer: NbdServerFactory;
+  /** vhost-user-blk servers (lib/daemon/vhost.ts); without it, disks with vhostUser are refused. */
+  createVhostServer?: VhostServerFactory;
   /** Default: FileVolume over the disk's file (created sparse when `size` is set and it is missing). */
   openVolume?: VolumeOpener;
   version?: string;
@@ -93,6 +95,7 @@ export class Daemon {
       logger,
       createServer: this.deps.createServer,
       openVolume: this.deps.openVolume ?? openFileVolume,
+      ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
     });
     this.registry = registry;

@@ -1,8 +1,13 @@
 /**
  * The VM registry: which VMs the daemon serves, and for each its disks — the volume, the NBD
- * server on the disk's own unix socket, and the export on the shared TCP server. Nothing global:
- * the NBD server factory and the volume opener are injected, so a test builds the registry over
- * MemoryVolumes and fake servers, and the daemon over files and the real server.
+ * server on the disk's own unix socket, the export on the shared TCP server, and the
+ * vhost-user-blk device on its own socket. Nothing global: the server factories and the volume
+ * opener are injected, so a test builds the registry over MemoryVolumes and fake servers, and
+ * the daemon over files and the real servers.
+ *
+ * A disk with a vhost-user-blk socket puts one OrderedVolume over its volume and hands that to
+ * every front end (NBD unix, TCP, vhost-user), so overlapping requests keep their order across
+ * them and a flush from either side covers the other's completed writes.
  *
  * Mutations (add/remove of VMs and disks) run one at a time, in order: a remove that arrives
  * while the same VM is being added waits for the add to finish, and never sees half a VM.
@@ -10,8 +15,9 @@
 import { connect } from 'node:net';
 import { lstat, mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
+import { OrderedVolume } from '../block/ordering.js';
 import type { Volume } from '../block/volume.js';
-import type { DiskConfig, VmConfig } from '../config/schema.js';
+import { diskSockets, type DiskConfig, type VmConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from '../nbd/api.js';
 
@@ -27,6 +33,37 @@ export interface NbdServerLike {
 }
 
 export type NbdServerFactory = (opts: NbdServerOptions) => NbdServerLike;
+
+/** Counters of one disk's vhost-user-blk device (lib/vhost: server and VirtioBlkDevice). */
+export interface VhostUserCounters {
+  /** A front end (QEMU) is connected now. */
+  connected: boolean;
+  /** Front-end connections accepted so far. */
+  connections: number;
+  /** Requests completed with VIRTIO_BLK_S_OK, IOERR, UNSUPP; requests dropped unanswered. */
+  ok: number;
+  ioerr: number;
+  unsupp: number;
+  dropped: number;
+}
+
+/** What the registry needs of a vhost-user-blk server: it listens once created. */
+export interface VhostServerLike {
+  /** Stops listening, disconnects the front end, removes the socket. */
+  close(): Promise<void>;
+  stats(): VhostUserCounters;
+}
+
+export interface VhostServerOptions {
+  socket: string;
+  volume: Volume;
+  queues: number;
+  readOnly: boolean;
+  serial?: string;
+  logger: Logger;
+}
+
+export type VhostServerFactory = (opts: VhostServerOptions) => Promise<VhostServerLike>;
 export type VolumeOpener = (disk: DiskConfig) => Promise<Volume>;
 
 /** An error the control API reports with an HTTP status (and the CLI prints as one line). */
@@ -55,10 +92,13 @@ export interface DiskStatus extends DiskCounters {
   file: string;
   size: number;
   readOnly: boolean;
+  /** NBD unix socket and export name; both '' when the disk has no NBD socket (`nbd: false`). */
   socket: string;
   export: string;
   /** Export name on the shared TCP listener, when there is one. */
   tcpExport?: string;
+  /** The vhost-user-blk socket and its counters, when the disk has one. */
+  vhostUser?: { socket: string; queues: number } & VhostUserCounters;
 }
 
 export interface VmStatus {
@@ -69,8 +109,12 @@ export interface VmStatus {
 interface Disk {
   vm: string;
   config: DiskConfig;
+  /** The opened volume (flushed and closed on removal). */
   volume: Volume;
-  server: NbdServerLike;
+  /** What the front ends are given: `volume`, or one OrderedVolume over it shared by all. */
+  front: Volume;
+  server?: NbdServerLike;
+  vhost?: VhostServerLike;
   tcpExport?: string;
   logger: Logger;
 }
@@ -84,6 +128,8 @@ export interface RegistryDeps {
   logger: Logger;
   createServer: NbdServerFactory;
   openVolume: VolumeOpener;
+  /** vhost-user-blk servers of disks that ask for one (none: such disks are refused). */
+  createVhostServer?: VhostServerFactory;
   /** The shared TCP server: every disk is also exported there as `VM/DISK`. */
   tcpServer?: NbdServerLike;
 }
@@ -113,7 +159,7 @@ export class VmRegistry {
     return this.serial(async () => {
       this.open();
       if (this.vms.has(vm.name)) throw new RegistryError(409, `VM "${vm.name}" already exists`);
-      this.checkSockets(vm.disks, (j) => `disks[${j}].nbd.socket`);
+      this.checkSockets(vm.disks, (j) => `disks[${j}].`);
       const entry: Vm = { name: vm.name, disks: new Map() };
       this.vms.set(vm.name, entry);
       try {
@@ -144,7 +190,7 @@ export class VmRegistry {
       const vm = this.vms.get(vmName);
       if (!vm) throw new RegistryError(404, `no VM "${vmName}"`);
       if (vm.disks.has(disk.name)) throw new RegistryError(409, `VM "${vmName}" already has a disk "${disk.name}"`);
-      this.checkSockets([disk], () => 'nbd.socket');
+      this.checkSockets([disk], () => '');
       await this.startDisk(vm, disk, '');
     });
   }
@@ -180,17 +226,19 @@ export class VmRegistry {
       name: vm.name,
       disks: [...vm.disks.values()].map((d) => {
         const c = { ...ZERO };
-        add(c, d.server.stats().exports.find((e) => e.name === d.config.nbd.export));
+        if (d.server && d.config.nbd) add(c, d.server.stats().exports.find((e) => e.name === d.config.nbd!.export));
         if (d.tcpExport) add(c, tcpStats?.exports.find((e) => e.name === d.tcpExport));
+        const vu = d.config.vhostUser;
         return {
           name: d.config.name,
           file: d.config.file,
           size: d.volume.size,
           readOnly: d.config.readOnly || d.volume.caps.readOnly,
-          socket: d.config.nbd.socket,
-          export: d.config.nbd.export,
+          socket: d.config.nbd?.socket ?? '',
+          export: d.config.nbd?.export ?? '',
           ...(d.tcpExport !== undefined ? { tcpExport: d.tcpExport } : {}),
           ...c,
+          ...(vu && d.vhost ? { vhostUser: { socket: vu.socket, queues: vu.queues, ...d.vhost.stats() } } : {}),
         };
       }),
     }));
@@ -203,10 +251,12 @@ export class VmRegistry {
   /** Two disks never share a socket (the schema checks within one request; this across the daemon). */
   private checkSockets(disks: DiskConfig[], where: (j: number) => string): void {
     const inUse = new Map<string, string>();
-    for (const vm of this.vms.values()) for (const d of vm.disks.values()) inUse.set(d.config.nbd.socket, `${vm.name}/${d.config.name}`);
+    for (const vm of this.vms.values()) for (const d of vm.disks.values()) for (const s of diskSockets(d.config)) inUse.set(s.socket, `${vm.name}/${d.config.name}`);
     disks.forEach((d, j) => {
-      const owner = inUse.get(d.nbd.socket);
-      if (owner) throw new RegistryError(409, `${where(j)}: socket ${d.nbd.socket} is already used by ${owner}`);
+      for (const { field, socket } of diskSockets(d)) {
+        const owner = inUse.get(socket);
+        if (owner) throw new RegistryError(409, `${where(j)}${field}: socket ${socket} is already used by ${owner}`);
+      }
     });
   }
 
@@ -221,23 +271,53 @@ export class VmRegistry {
       const why = (e as Error).message.replace(/^(\w+): \1: /, '$1: ');
       throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${why}`);
     }
-    const server = this.deps.createServer({ logger });
-    let tcpExport: string | undefined;
+    // With two kinds of front end, one ordering for all of them (see the header).
+    const front: Volume = config.vhostUser ? new OrderedVolume(volume) : volume;
+    const disk: Disk = { vm: vm.name, config, volume, front, logger };
+    let step = field('nbd.socket');
     try {
-      server.addExport({ name: config.nbd.export, volume, readOnly: config.readOnly, description: `${vm.name}/${config.name}` });
-      await prepareSocket(config.nbd.socket, field('nbd.socket'));
-      await server.listen({ unix: config.nbd.socket });
-      if (this.deps.tcpServer) {
-        tcpExport = `${vm.name}/${config.name}`;
-        this.deps.tcpServer.addExport({ name: tcpExport, volume, readOnly: config.readOnly, description: tcpExport });
+      if (config.vhostUser && !this.deps.createVhostServer) {
+        throw new RegistryError(400, `${field('vhostUser')}: this daemon cannot serve vhost-user-blk`);
+      }
+      if (config.nbd) {
+        const server = this.deps.createServer({ logger });
+        disk.server = server;
+        server.addExport({ name: config.nbd.export, volume: front, readOnly: config.readOnly, description: `${vm.name}/${config.name}` });
+        await prepareSocket(config.nbd.socket, field('nbd.socket'));
+        await server.listen({ unix: config.nbd.socket });
+      }
+      if (config.vhostUser && this.deps.createVhostServer) {
+        step = field('vhostUser.socket');
+        const vu = config.vhostUser;
+        await prepareSocket(vu.socket, step);
+        disk.vhost = await this.deps.createVhostServer({
+          socket: vu.socket,
+          volume: front,
+          queues: vu.queues,
+          readOnly: config.readOnly || volume.caps.readOnly,
+          ...(vu.serial !== undefined ? { serial: vu.serial } : {}),
+          logger: logger.child({ vhostUser: vu.socket }),
+        });
+      }
+      if (this.deps.tcpServer && config.nbd) {
+        step = 'tcp';
+        disk.tcpExport = `${vm.name}/${config.name}`;
+        this.deps.tcpServer.addExport({ name: disk.tcpExport, volume: front, readOnly: config.readOnly, description: disk.tcpExport });
       }
     } catch (e) {
-      await server.close().catch(() => {});
+      if (disk.tcpExport) await this.deps.tcpServer?.removeExport(disk.tcpExport).catch(() => {});
+      await disk.vhost?.close().catch(() => {});
+      await disk.server?.close().catch(() => {});
       await volume.close().catch(() => {});
-      throw e instanceof RegistryError ? e : new RegistryError(500, `${field('nbd.socket')}: cannot serve on ${config.nbd.socket}: ${(e as Error).message}`);
+      if (config.nbd && step !== field('nbd.socket')) await rm(config.nbd.socket, { force: true }).catch(() => {});
+      const sock = step === field('vhostUser.socket') ? config.vhostUser?.socket : config.nbd?.socket;
+      throw e instanceof RegistryError ? e : new RegistryError(500, `${step}: cannot serve on ${sock}: ${(e as Error).message}`);
     }
-    vm.disks.set(config.name, { vm: vm.name, config, volume, server, logger, ...(tcpExport !== undefined ? { tcpExport } : {}) });
-    logger.info({ file: config.file, size: volume.size, socket: config.nbd.socket, export: config.nbd.export, tcpExport, readOnly: config.readOnly }, 'disk served');
+    vm.disks.set(config.name, disk);
+    logger.info(
+      { file: config.file, size: volume.size, socket: config.nbd?.socket, export: config.nbd?.export, tcpExport: disk.tcpExport, vhostUser: config.vhostUser, readOnly: config.readOnly },
+      'disk served',
+    );
   }
 
   private async stopVm(vm: Vm): Promise<void> {
@@ -249,7 +329,8 @@ export class VmRegistry {
   /** Takes one disk down: TCP export, then its server (stops accepting, drains, flushes), then the volume. */
   private async stopDisk(d: Disk): Promise<void> {
     const log = d.logger;
-    log.info({ socket: d.config.nbd.socket }, 'disk stopping: draining requests');
+    const sockets = diskSockets(d.config).map((s) => s.socket);
+    log.info({ sockets }, 'disk stopping: draining requests');
     try {
       if (d.tcpExport) await this.deps.tcpServer?.removeExport(d.tcpExport);
     } catch (e) {
@@ -259,13 +340,22 @@ export class VmRegistry {
       // removeExport first: it drains and disconnects the export's clients at once. close()
       // alone waits for net.Server's close callback, which (today) comes only after every
       // connection has ended, so a busy client would hold the shutdown until it gives up.
-      await d.server.removeExport(d.config.nbd.export);
-      await d.server.close();
+      if (d.server && d.config.nbd) {
+        await d.server.removeExport(d.config.nbd.export);
+        await d.server.close();
+      }
     } catch (e) {
       log.error({ err: e }, 'closing the NBD server failed');
     }
     try {
-      await d.volume.flush();
+      // Disconnects the front end: what it had submitted and not yet seen completed is left
+      // to the flush below (through the shared OrderedVolume, it waits for those writes).
+      await d.vhost?.close();
+    } catch (e) {
+      log.error({ err: e }, 'closing the vhost-user server failed');
+    }
+    try {
+      await d.front.flush();
       log.info('disk flushed');
     } catch (e) {
       log.error({ err: e }, 'flush failed');
@@ -275,8 +365,8 @@ export class VmRegistry {
     } catch (e) {
       log.error({ err: e }, 'closing the volume failed');
     }
-    await rm(d.config.nbd.socket, { force: true }).catch(() => {});
-    log.info({ socket: d.config.nbd.socket }, 'disk removed');
+    await Promise.all(sockets.map((s) => rm(s, { force: true }).catch(() => {})));
+    log.info({ sockets }, 'disk removed');
   }
 }
 
