@@ -12,18 +12,26 @@ bash scripts/setup.sh
 CONFIG="$ROOT/fixtures/demo.yaml"
 STATE="$ROOT/.state"
 SOCK="$STATE/run/demo-disk0.sock"
+VSOCK="$STATE/run/demo-disk0.vhost.sock"
 CONTROL="$STATE/run/control.sock"
 mkdir -p "$STATE/run"
 
 cat <<INFO
 vstore demo: serving VM "demo", disk "disk0" ($STATE/demo-disk0.img, 1 GiB sparse)
   NBD socket:     $SOCK   (export name "")
+  vhost-user-blk: $VSOCK
   control socket: $CONTROL
 
-Attach it to a VM:
+Attach it to a VM over NBD:
   qemu-system-x86_64 -accel tcg -cpu max -m 512 -nographic \\
     -kernel vmlinuz -initrd initrd.img -append "console=ttyS0" \\
     -drive file=nbd:unix:$SOCK,format=raw,if=virtio,cache=none
+
+or as a vhost-user-blk device (guest RAM must be shared memory; one front end at a time):
+  qemu-system-x86_64 -accel tcg -cpu max -m 512 -nographic \\
+    -kernel vmlinuz -initrd initrd.img -append "console=ttyS0" \\
+    -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\
+    -chardev socket,id=b0,path=$VSOCK,reconnect=1 -device vhost-user-blk-pci,chardev=b0
 
 Look at it:
   nbdinfo 'nbd+unix:///?socket=$SOCK'
