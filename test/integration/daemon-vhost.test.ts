@@ -101,7 +101,10 @@ it('serves one disk over NBD and vhost-user-blk at once; runtime remove/add; SIG
   }
   expect(existsSync(nbdSock)).toBe(true);
   expect(existsSync(vuSock)).toBe(true);
-  expect(out).toContain(`vstore: vm1/d0: ${image} on vhost-user-blk ${vuSock} (2 queues)`);
+  // the "where is it served" lines come right after the control socket opens
+  const line = `vstore: vm1/d0: ${image} on vhost-user-blk ${vuSock} (2 queues)`;
+  for (const until = Date.now() + 5_000; !out.includes(line) && Date.now() < until; ) await new Promise((r) => setTimeout(r, 20));
+  expect(out).toContain(line);
 
   // NBD writes, vhost-user reads
   await qemuIo(nbdSock, 'write -P 0x5a 1M 256k', 'flush');
