@@ -20,6 +20,7 @@ interface NbdOpts {
   readOnly?: boolean;
   size?: string;
   direct?: boolean;
+  engine?: 'threadpool' | 'uring' | 'auto';
   tlsCert?: string;
   tlsKey?: string;
   tlsCa?: string;
@@ -56,6 +57,7 @@ export function registerNbd(program: Command): void {
     .option('-r, --read-only', 'serve read-only (writes fail with EPERM)', false)
     .option('--size <size>', 'create FILE sparse with this size if it does not exist (bytes, or K/M/G/T suffix)')
     .option('--direct', 'open FILE with O_DIRECT (bypass the host page cache)', false)
+    .addOption(new Option('--engine <engine>', 'how misses, large reads, writes and fdatasync reach the kernel (advanced)').choices(['threadpool', 'uring', 'auto']).hideHelp())
     .option('--tls-cert <file>', 'PEM certificate chain of the server (TCP only; needs --tls-key)')
     .option('--tls-key <file>', 'PEM private key of the server')
     .option('--tls-ca <file>', 'PEM CA: clients must present a certificate it signed')
@@ -93,15 +95,21 @@ Attach with QEMU:
           }
         : undefined;
 
+      const logger = createLogger({ level: opts.logLevel });
       let volume: FileVolume;
       try {
-        volume = await FileVolume.open(file, { readOnly: opts.readOnly ?? false, direct: opts.direct ?? false, ...(size ? { create: { size } } : {}) });
+        volume = await FileVolume.open(file, {
+          readOnly: opts.readOnly ?? false,
+          direct: opts.direct ?? false,
+          ...(size ? { create: { size } } : {}),
+          ...(opts.engine ? { engine: opts.engine } : {}),
+          logger,
+        });
       } catch (e) {
         const code = (e as { code?: string }).code;
         if (code === 'ENOENT') throw new Error(`${file}: no such file (give --size SIZE to create it)`);
         throw new Error(`${file}: ${(e as Error).message}`);
       }
-      const logger = createLogger({ level: opts.logLevel });
       const server = new NbdServer({ logger, ...(tls ? { tls } : {}) });
       const stop = async (): Promise<void> => {
         logger.info('stopping: no new connections, draining in-flight requests');

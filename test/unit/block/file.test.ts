@@ -81,7 +81,8 @@ describe('FileVolume', () => {
 
   it('FUA writes call fdatasync', async () => {
     const p = fresh();
-    const v = await FileVolume.open(p, { create: { size: 1 * MiB } });
+    // the thread-pool engine fdatasyncs through the FileHandle (the ring's is tested below)
+    const v = await FileVolume.open(p, { create: { size: 1 * MiB }, engine: 'threadpool' });
     const fh = (v as unknown as { fh: { datasync(): Promise<void> } }).fh;
     const spy = vi.spyOn(fh, 'datasync');
     await v.write(0, Buffer.alloc(4096, 1));
@@ -205,7 +206,7 @@ describe('FileVolume', () => {
     const mnt = mkdtempSync(path.join(tmpdir(), 'vstore-enospc-'));
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', mnt]);
     try {
-      const v = await FileVolume.open(path.join(mnt, 'img'), { create: { size: 4 * MiB } });
+      const v = await FileVolume.open(path.join(mnt, 'img'), { create: { size: 4 * MiB }, engine: 'threadpool' });
       // Small writes (inline) until the filesystem is full.
       let err: unknown;
       for (let off = 0; off < 4 * MiB && !err; off += 4096) {
