@@ -13,8 +13,9 @@ import { FileVolume } from '../block/file.js';
 import { exitAfterLogs, stopOnSignals } from '../cli/signals.js';
 import { LOG_LEVELS, MAX_SOCKET_PATH } from '../config/schema.js';
 import { createLogger } from '../log.js';
-import { VirtioBlkDevice } from './blk.js';
-import { VhostUserServer } from './server.js';
+import { OrderedVolume } from '../block/ordering.js';
+import { listenVhostBlk } from './serve-blk.js';
+import type { VhostUserServer } from './server.js';
 
 interface VhostBlkOpts {
   socket: string;
@@ -59,8 +60,8 @@ Example:
       const volume = await FileVolume.open(file, { readOnly: opts.readOnly, direct: opts.direct });
       let server: VhostUserServer;
       try {
-        const device = new VirtioBlkDevice({ volume, logger, numQueues: opts.queues, readOnly: opts.readOnly, serial: opts.serial });
-        server = await VhostUserServer.listen({ path: socket, device, logger });
+        // Ordered: a guest may have overlapping requests in flight; they keep their order here.
+        ({ server } = await listenVhostBlk({ socket, volume: new OrderedVolume(volume), logger, queues: opts.queues, readOnly: opts.readOnly, serial: opts.serial }));
       } catch (e) {
         await volume.close();
         throw e;
