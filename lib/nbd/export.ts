@@ -1,6 +1,7 @@
 /**
  * One served export: the volume (wrapped once in an OrderedVolume shared by every connection,
- * so ordering and flush hold across connections), what it advertises, and its counters.
+ * so ordering and flush hold across connections, unless it already is one), what it
+ * advertises, and its counters.
  */
 import { OrderedVolume } from '../block/ordering.js';
 import type { Volume } from '../block/volume.js';
@@ -59,7 +60,9 @@ export class ServedExport {
   constructor(spec: NbdExportSpec, maxPayload: number) {
     this.name = spec.name;
     this.description = spec.description ?? '';
-    this.volume = new OrderedVolume(spec.volume);
+    // A volume that is already ordered (the daemon's, shared with a vhost-user-blk device) is
+    // used as it is: one ordering point per disk, whatever the front ends.
+    this.volume = spec.volume instanceof OrderedVolume ? spec.volume : new OrderedVolume(spec.volume);
     this.readOnly = Boolean(spec.readOnly) || spec.volume.caps.readOnly;
     this.limits = advertisedLimits(spec.volume, maxPayload);
   }
