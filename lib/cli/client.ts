@@ -4,6 +4,7 @@
  */
 import { request } from 'node:http';
 import { Option } from 'commander';
+import type { DiskStatus } from '../daemon/registry.js';
 
 export const DEFAULT_CONTROL = '/run/vstore/control.sock';
 
@@ -75,4 +76,12 @@ export async function getText(socketPath: string, path: string): Promise<string>
     req.on('error', (e) => reject(new ControlError(`cannot reach the daemon at ${socketPath}: ${e.message}`)));
     req.end();
   });
+}
+
+/** Where a disk is served, one entry per front end: `nbd+unix:///EXPORT?socket=S`, `vhost-user-blk S (N queues)`. */
+export function diskEndpoints(d: Pick<DiskStatus, 'socket' | 'export' | 'vhostUser'>): string[] {
+  const out: string[] = [];
+  if (d.socket) out.push(`nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}`);
+  if (d.vhostUser) out.push(`vhost-user-blk ${d.vhostUser.socket} (${d.vhostUser.queues} queue${d.vhostUser.queues === 1 ? '' : 's'})`);
+  return out;
 }

@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { readDocument } from '../config/load.js';
 import { diskSchema, validate } from '../config/schema.js';
 import type { DiskStatus } from '../daemon/registry.js';
-import { call, controlOption } from './client.js';
+import { call, controlOption, diskEndpoints } from './client.js';
 import { baseQuery } from './vm.js';
 
 export function registerDisk(program: Command): void {
@@ -22,7 +22,7 @@ Examples:
     .command('add')
     .summary('add a disk to a VM from a JSON/YAML file (or stdin)')
     .description(
-      'add a disk to VM: FILE (or - for stdin) holds one disk object of the config schema, JSON or YAML ({name, file, size?, readOnly?, direct?, nbd?: {socket?, export?}}); it is served at once. Relative paths are relative to FILE',
+      'add a disk to VM: FILE (or - for stdin) holds one disk object of the config schema, JSON or YAML ({name, file, size?, readOnly?, direct?, nbd?: {socket?, export?} | false, vhostUser?: {socket?, queues?, serial?}}); it is served at once. Relative paths are relative to FILE',
     )
     .argument('<vm>', 'VM name')
     .argument('<file>', 'disk description, JSON or YAML; - reads stdin')
@@ -37,7 +37,7 @@ Example:
       const { data, baseDir, source } = await readDocument(file);
       validate(diskSchema, data, { source });
       const d = await call<DiskStatus>(opts.control, 'POST', `/v1/vms/${encodeURIComponent(vm)}/disks${baseQuery(baseDir)}`, data);
-      process.stdout.write(`disk ${vm}/${d.name} added: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
+      process.stdout.write(`disk ${vm}/${d.name} added: ${d.file} on ${diskEndpoints(d).join(', ')}\n`);
     });
 
   disk

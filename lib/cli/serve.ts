@@ -6,6 +6,7 @@ import { Daemon, formatHostPort } from '../daemon/daemon.js';
 import { createVhostBlkServer } from '../daemon/vhost.js';
 import { createLogger } from '../log.js';
 import { NbdServer } from '../nbd/server.js';
+import { diskEndpoints } from './client.js';
 import { exitAfterLogs, failAfterLogs, stopOnSignals } from './signals.js';
 import { packageVersion } from './version.js';
 import path from 'node:path';
@@ -62,8 +63,7 @@ Logs are JSON lines (pino) on stderr.`,
         const st = daemon.status();
         for (const vm of st.vms) {
           for (const d of vm.disks) {
-            if (d.socket) process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
-            if (d.vhostUser) process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on vhost-user-blk ${d.vhostUser.socket} (${d.vhostUser.queues} queue${d.vhostUser.queues === 1 ? '' : 's'})\n`);
+            for (const at of diskEndpoints(d)) process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on ${at}\n`);
           }
         }
         const tcp = (st.tcpAddresses ?? []).map((a) => formatHostPort(a.host, a.port)).join(', ');

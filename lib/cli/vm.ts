@@ -4,7 +4,7 @@ import type { Command } from 'commander';
 import { readDocument } from '../config/load.js';
 import { validate, vmSchema } from '../config/schema.js';
 import type { VmStatus } from '../daemon/registry.js';
-import { call, controlOption } from './client.js';
+import { call, controlOption, diskEndpoints } from './client.js';
 
 /** Query string carrying the directory relative paths of a document are relative to. */
 export function baseQuery(baseDir: string): string {
@@ -45,7 +45,7 @@ Example:
       validate(vmSchema, data, { source }); // the same errors the daemon would give, without a round trip
       const added = await call<VmStatus>(opts.control, 'POST', `/v1/vms${baseQuery(baseDir)}`, data);
       process.stdout.write(`VM ${added.name} added${added.disks.length ? ':' : ''}\n`);
-      for (const d of added.disks) process.stdout.write(`  ${d.name}: ${d.file} on nbd+unix:///${encodeURIComponent(d.export)}?socket=${d.socket}\n`);
+      for (const d of added.disks) process.stdout.write(`  ${d.name}: ${d.file} on ${diskEndpoints(d).join(', ')}\n`);
     });
 
   vm.command('remove')
