@@ -7,7 +7,7 @@ import path from 'node:path';
 import { Option, type Command } from 'commander';
 import { FileVolume } from '../block/file.js';
 import { LOG_LEVELS, MAX_SOCKET_PATH, parseSize } from '../config/schema.js';
-import { prepareSocket } from '../daemon/registry.js';
+import { parseHostPort, prepareSocket } from '../net/address.js';
 import { createLogger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
 import { NbdServer } from '../nbd/server.js';
@@ -28,12 +28,6 @@ interface NbdOpts {
   logLevel: string;
 }
 
-export function parseHostPort(s: string): { host: string; port: number } {
-  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(s);
-  const port = m ? Number(m[3]) : NaN;
-  if (!m || port > 65535) throw new Error(`--tcp: expected HOST:PORT (e.g. 127.0.0.1:10809), got "${s}"`);
-  return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
-}
 
 async function readPem(flag: string, p: string): Promise<Buffer> {
   try {

@@ -12,13 +12,13 @@
  * Mutations (add/remove of VMs and disks) run one at a time, in order: a remove that arrives
  * while the same VM is being added waits for the add to finish, and never sees half a VM.
  */
-import { connect } from 'node:net';
-import { lstat, mkdir, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import { OrderedVolume } from '../block/ordering.js';
 import type { Volume } from '../block/volume.js';
 import { diskSockets, type DiskConfig, type VmConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
+import { prepareSocket as prepareNetSocket, SocketConflictError } from '../net/address.js';
 import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from '../nbd/api.js';
 
 /** What the registry needs of an NBD server (lib/nbd/server.ts's NbdServer has it). */
@@ -381,30 +381,11 @@ function add(c: DiskCounters, e: Partial<DiskCounters> | undefined): void {
   c.errors += e.errors ?? 0;
 }
 
-/**
- * Makes a unix socket path usable: creates its directory, removes a stale socket left by a
- * crashed process, and refuses one that a live process still listens on (or any other file).
- */
+/** prepareSocket of lib/net with the control API's status: 409 when the path is taken. */
 export async function prepareSocket(p: string, field = 'socket'): Promise<void> {
-  await mkdir(path.dirname(p), { recursive: true });
-  let st;
   try {
-    st = await lstat(p);
-  } catch {
-    return; // nothing there
+    await prepareNetSocket(p, field);
+  } catch (e) {
+    throw e instanceof SocketConflictError ? new RegistryError(409, e.message) : e;
   }
-  if (!st.isSocket()) throw new RegistryError(409, `${field}: ${p} exists and is not a socket`);
-  if (await isListening(p)) throw new RegistryError(409, `${field}: ${p} is in use by another process`);
-  await rm(p, { force: true });
-}
-
-export function isListening(p: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(p);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }

@@ -5,7 +5,7 @@
  * connected is refused (its connection is closed at once).
  */
 import { chmod, rm } from 'node:fs/promises';
-import { prepareSocket } from '../daemon/registry.js';
+import { prepareSocket } from '../net/address.js';
 import type { Logger } from '../log.js';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
 import { VhostUserBackend, type VhostUserDevice } from './backend.js';
