@@ -74,10 +74,32 @@ export const vhostUserDiskSchema = z.strictObject({
     .optional(),
 });
 
+/** Most replicas a remote volume may have. */
+export const MAX_REPLICAS = 5;
+
+const msSchema = z.number().int('expected an integer (milliseconds)').min(0, 'must be >= 0');
+
+export const volumeDiskSchema = z.strictObject({
+  /** Name in the resolver; default `<vm>/<disk>`. */
+  name: z.string().min(1).max(255).optional(),
+  /** Size; the volume is created with it when the resolver does not know the name (and grown to it when smaller). */
+  size: sizeSchema,
+  /** Copies on distinct storage nodes; default 2. */
+  replicas: z.number().int('expected an integer').min(1, 'at least 1').max(MAX_REPLICAS, `at most ${MAX_REPLICAS}`).optional(),
+  /** With no replica reachable, I/O waits this long before failing with EIO; default 60000. */
+  waitTimeoutMs: msSchema.optional(),
+  /** A replica unreachable this long is rebuilt on another node; default 600000 (10 min). */
+  rebuildAfterMs: msSchema.optional(),
+  /** NBD connections per replica (used when the node advertises multi-conn); default 2. */
+  connections: z.number().int().min(1).max(16).optional(),
+});
+
 export const diskSchema = z.strictObject({
   name: nameSchema,
-  /** Raw image file or block device. */
-  file: pathSchema,
+  /** Raw image file or block device (a local disk); or give `volume`. */
+  file: pathSchema.optional(),
+  /** A replicated volume on storage nodes, found through the resolver; or give `file`. */
+  volume: volumeDiskSchema.optional(),
   /** Create the image (sparse) with this size when it does not exist. */
   size: sizeSchema.optional(),
   readOnly: z.boolean().optional(),
@@ -91,6 +113,10 @@ export const diskSchema = z.strictObject({
   if (d.nbd === false && d.vhostUser === undefined) {
     ctx.addIssue({ code: 'custom', path: ['nbd'], message: 'false leaves the disk with no socket: serve NBD, or add vhostUser' });
   }
+  if (d.file === undefined && d.volume === undefined) ctx.addIssue({ code: 'custom', path: ['file'], message: 'required (or give volume)' });
+  if (d.file !== undefined && d.volume !== undefined) ctx.addIssue({ code: 'custom', path: ['volume'], message: 'give either file or volume, not both' });
+  if (d.volume !== undefined && d.size !== undefined) ctx.addIssue({ code: 'custom', path: ['size'], message: 'a volume has its size in volume.size' });
+  if (d.volume !== undefined && d.direct !== undefined) ctx.addIssue({ code: 'custom', path: ['direct'], message: 'applies to a file only' });
 });
 
 function noDuplicates<T extends { name: string }>(items: T[], ctx: z.RefinementCtx, what: string): void {
@@ -118,17 +144,62 @@ export const tcpSchema = z.strictObject({
   port: z.number().int().min(0).max(65535).optional(),
 });
 
+const listenListSchema = z.array(z.string().min(1)).min(1, 'at least one address');
+
+/** Where the daemon finds storage nodes: an external resolver (`url`), or one it embeds (`store`). */
+export const resolverSchema = z
+  .strictObject({
+    /** `etcd://HOST:PORT[,HOST:PORT]`, or a resolver service (`unix:PATH`, `HOST:PORT`). */
+    url: z.string().min(1).optional(),
+    /** Embedded resolver: its JSON store file. */
+    store: pathSchema.optional(),
+    /** Embedded resolver: also serve it to storage nodes and other daemons on these addresses. */
+    listen: listenListSchema.optional(),
+  })
+  .superRefine((r, ctx) => {
+    if ((r.url === undefined) === (r.store === undefined)) ctx.addIssue({ code: 'custom', path: ['url'], message: 'give either url (an external resolver) or store (an embedded one)' });
+    if (r.url !== undefined && r.listen !== undefined) ctx.addIssue({ code: 'custom', path: ['listen'], message: 'only an embedded resolver (store) is served' });
+  });
+
+/** A storage node run inside the daemon process (the single-machine default). */
+export const embeddedNodeSchema = z.strictObject({
+  id: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, '1-64 of A-Z a-z 0-9 . _ -'),
+  data: pathSchema,
+  /** NBD listen addresses (unix:PATH or HOST:PORT), one per path. */
+  listen: listenListSchema,
+  /** RPC control addresses; default unix:<data>/control.sock. */
+  control: listenListSchema.optional(),
+  zone: z.string().min(1).max(64).optional(),
+});
+
 export const configSchema = z
   .strictObject({
     runDir: pathSchema.optional(),
+    /** Persistent state (dirty-region logs and replica states of remote volumes); default <runDir>/state. */
+    stateDir: pathSchema.optional(),
     control: socketPathSchema.optional(),
     log: z.strictObject({ level: z.enum(LOG_LEVELS).optional() }).optional(),
     tcp: tcpSchema.optional(),
     tls: tlsSchema.optional(),
+    resolver: resolverSchema.optional(),
+    nodes: z.array(embeddedNodeSchema).optional(),
     vms: z.array(vmSchema).superRefine((v, ctx) => noDuplicates(v, ctx, 'VM')).optional(),
   })
   .superRefine((c, ctx) => {
     if (c.tls && !c.tcp) ctx.addIssue({ code: 'custom', path: ['tls'], message: 'needs tcp (TLS is offered on the TCP listener only)' });
+    if (c.nodes?.length && !c.resolver) ctx.addIssue({ code: 'custom', path: ['nodes'], message: 'storage nodes need a resolver to register in' });
+    const ids = new Set<string>();
+    c.nodes?.forEach((n, i) => {
+      if (ids.has(n.id)) ctx.addIssue({ code: 'custom', path: ['nodes', i, 'id'], message: `duplicate node id "${n.id}"` });
+      ids.add(n.id);
+    });
+    if (!c.resolver) {
+      c.vms?.forEach((vm, i) =>
+        vm.disks?.forEach((d, j) => {
+          if (d.volume) ctx.addIssue({ code: 'custom', path: ['vms', i, 'disks', j, 'volume'], message: 'a volume disk needs a resolver (top-level resolver)' });
+        }),
+      );
+    }
   });
 
 export type DiskInput = z.input<typeof diskSchema>;
@@ -136,9 +207,22 @@ export type VmInput = z.input<typeof vmSchema>;
 export type ConfigInput = z.input<typeof configSchema>;
 
 /** A disk with every default filled and every path absolute. */
+/** A remote, replicated volume with every default filled. */
+export interface VolumeSpec {
+  name: string;
+  size: number;
+  replicas: number;
+  waitTimeoutMs: number;
+  rebuildAfterMs: number;
+  connections: number;
+}
+
 export interface DiskConfig {
   name: string;
-  file: string;
+  /** The local image (absent for a remote volume). */
+  file?: string;
+  /** The remote volume (absent for a local image). */
+  volume?: VolumeSpec;
   /** Size for creation when the file is missing (bytes). */
   size?: number;
   readOnly: boolean;
@@ -161,8 +245,27 @@ export interface TlsConfig {
   mode: 'on' | 'require';
 }
 
+export interface ResolverConfig {
+  /** External resolver URL; absent when embedded. */
+  url?: string;
+  /** Embedded store file. */
+  store?: string;
+  listen: string[];
+}
+
+export interface EmbeddedNodeConfig {
+  id: string;
+  data: string;
+  listen: string[];
+  control: string[];
+  zone?: string;
+}
+
 export interface DaemonConfig {
   runDir: string;
+  stateDir: string;
+  resolver?: ResolverConfig;
+  nodes: EmbeddedNodeConfig[];
   control: string;
   log: { level: (typeof LOG_LEVELS)[number] };
   tcp?: { host: string; port: number };
@@ -246,9 +349,22 @@ export function validate<S extends z.ZodType>(schema: S, data: unknown, opts: { 
 export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx: ResolveContext): DiskConfig {
   const nbd = d.nbd === false ? undefined : d.nbd ?? {};
   const vu = d.vhostUser;
+  const v = d.volume;
   return {
     name: d.name,
-    file: path.resolve(ctx.baseDir, d.file),
+    ...(d.file !== undefined ? { file: path.resolve(ctx.baseDir, d.file) } : {}),
+    ...(v
+      ? {
+          volume: {
+            name: v.name ?? `${vmName}/${d.name}`,
+            size: v.size,
+            replicas: v.replicas ?? 2,
+            waitTimeoutMs: v.waitTimeoutMs ?? 60_000,
+            rebuildAfterMs: v.rebuildAfterMs ?? 600_000,
+            connections: v.connections ?? 2,
+          },
+        }
+      : {}),
     ...(d.size !== undefined ? { size: d.size } : {}),
     readOnly: d.readOnly ?? false,
     direct: d.direct ?? false,
@@ -295,6 +411,12 @@ export function checkResolved(vms: VmConfig[], prefixOf: (vm: number, disk: numb
   return problems;
 }
 
+/** What a disk's data is, for humans: the image path, or `volume NAME (N replicas)`. */
+export function diskSource(d: DiskConfig): string {
+  if (d.volume) return `volume ${d.volume.name} (${d.volume.replicas} replica${d.volume.replicas === 1 ? '' : 's'})`;
+  return d.file ?? '?';
+}
+
 /** The unix sockets a resolved disk listens on, each with the config field that sets it. */
 export function diskSockets(d: DiskConfig): Array<{ field: 'nbd.socket' | 'vhostUser.socket'; socket: string }> {
   return [
@@ -313,8 +435,29 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
   const problems = checkResolved(vms, (i, j) => `vms[${i}].disks[${j}]`);
   if (Buffer.byteLength(control) > MAX_SOCKET_PATH) problems.push(`control: socket path ${control} is longer than ${MAX_SOCKET_PATH} bytes`);
   if (problems.length) throw new ConfigError(problems, source);
+  const addr = (a: string): string => (a.startsWith('unix:') ? `unix:${path.resolve(baseDir, a.slice(5))}` : a);
   return {
     runDir,
+    stateDir: path.resolve(baseDir, c.stateDir ?? path.join(runDir, 'state')),
+    ...(c.resolver
+      ? {
+          resolver: {
+            ...(c.resolver.url !== undefined ? { url: addr(c.resolver.url) } : {}),
+            ...(c.resolver.store !== undefined ? { store: path.resolve(baseDir, c.resolver.store) } : {}),
+            listen: (c.resolver.listen ?? []).map(addr),
+          },
+        }
+      : {}),
+    nodes: (c.nodes ?? []).map((n) => {
+      const data = path.resolve(baseDir, n.data);
+      return {
+        id: n.id,
+        data,
+        listen: n.listen.map(addr),
+        control: (n.control ?? [`unix:${path.join(data, 'control.sock')}`]).map(addr),
+        ...(n.zone !== undefined ? { zone: n.zone } : {}),
+      };
+    }),
     control,
     log: { level: c.log?.level ?? 'info' },
     ...(c.tcp ? { tcp: { host: c.tcp.host ?? '127.0.0.1', port: c.tcp.port ?? DEFAULT_TCP_PORT } } : {}),

@@ -29,7 +29,7 @@ export interface DaemonDeps {
 }
 
 export const openFileVolume: VolumeOpener = (d: DiskConfig) =>
-  FileVolume.open(d.file, { readOnly: d.readOnly, direct: d.direct, ...(d.size !== undefined ? { create: { size: d.size } } : {}) });
+  FileVolume.open(d.file!, { readOnly: d.readOnly, direct: d.direct, ...(d.size !== undefined ? { create: { size: d.size } } : {}) });
 
 export class Daemon {
   private readonly logger: Logger;

@@ -16,7 +16,7 @@ import { rm } from 'node:fs/promises';
 import path from 'node:path';
 import { OrderedVolume } from '../block/ordering.js';
 import type { Volume } from '../block/volume.js';
-import { diskSockets, type DiskConfig, type VmConfig } from '../config/schema.js';
+import { diskSockets, diskSource, type DiskConfig, type VmConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import { prepareSocket as prepareNetSocket, SocketConflictError } from '../net/address.js';
 import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from '../nbd/api.js';
@@ -87,9 +87,27 @@ export interface DiskCounters {
   errors: number;
 }
 
+/** A volume that can say how its replicas stand (ReplicatedVolume). */
+export interface ReplicationSource {
+  replicationStatus(): ReplicationStatus;
+}
+
+export interface ReplicationStatus {
+  name: string;
+  replicas: Array<{ id: string; state: string; up: boolean; dirtyBytes: number; resync?: { doneBytes: number; totalBytes: number } }>;
+}
+
+function replicationOf(v: Volume): { replication?: ReplicationStatus } {
+  const src = v as Partial<ReplicationSource>;
+  return typeof src.replicationStatus === 'function' ? { replication: src.replicationStatus() } : {};
+}
+
 export interface DiskStatus extends DiskCounters {
   name: string;
+  /** The image path, or `volume NAME (N replicas)` for a remote volume. */
   file: string;
+  /** Replica states of a remote volume. */
+  replication?: ReplicationStatus;
   size: number;
   readOnly: boolean;
   /** NBD unix socket and export name; both '' when the disk has no NBD socket (`nbd: false`). */
@@ -231,7 +249,8 @@ export class VmRegistry {
         const vu = d.config.vhostUser;
         return {
           name: d.config.name,
-          file: d.config.file,
+          file: diskSource(d.config),
+          ...replicationOf(d.volume),
           size: d.volume.size,
           readOnly: d.config.readOnly || d.volume.caps.readOnly,
           socket: d.config.nbd?.socket ?? '',
@@ -269,6 +288,7 @@ export class VmRegistry {
     } catch (e) {
       // "ENOENT: ENOENT: no such file..." (VolumeError over a system error) said once
       const why = (e as Error).message.replace(/^(\w+): \1: /, '$1: ');
+      if (config.volume) throw new RegistryError(e instanceof RegistryError ? e.status : 400, `${field('volume')}: cannot open volume ${config.volume.name}: ${why}`);
       throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${why}`);
     }
     // With two kinds of front end, one ordering for all of them (see the header).
@@ -315,7 +335,7 @@ export class VmRegistry {
     }
     vm.disks.set(config.name, disk);
     logger.info(
-      { file: config.file, size: volume.size, socket: config.nbd?.socket, export: config.nbd?.export, tcpExport: disk.tcpExport, vhostUser: config.vhostUser, readOnly: config.readOnly },
+      { file: diskSource(config), size: volume.size, socket: config.nbd?.socket, export: config.nbd?.export, tcpExport: disk.tcpExport, vhostUser: config.vhostUser, readOnly: config.readOnly },
       'disk served',
     );
   }

@@ -159,7 +159,7 @@ describe('vstore serve', () => {
     // a bad VM object: the field is named, before and by the daemon
     const bad = await vstore(['vm', 'add', '-', '--control', control], 'name: vm3\ndisks:\n  - { name: x }\n');
     expect(bad.code).toBe(1);
-    expect(bad.stderr).toBe('vstore: stdin: disks[0].file: required\n');
+    expect(bad.stderr).toBe('vstore: stdin: disks[0].file: required (or give volume)\n');
     // a disk added at runtime, then removed
     const dadd = await vstore(['disk', 'add', 'vm2', '-', '--control', control], JSON.stringify({ name: 'extra', file: path.join(dir, 'extra.img'), size: '4M' }));
     expect(dadd.code).toBe(0);
@@ -203,7 +203,7 @@ describe('vstore serve', () => {
     writeFileSync(config, 'runDir: run\nvms:\n  - name: vm1\n    disks:\n      - { name: a, file: a.img, size: 1M }\n      - { name: b }\n');
     const r = await vstore(['serve', '--config', config]);
     expect(r.code).toBe(1);
-    expect(r.stderr).toBe(`vstore: ${config}: vms[0].disks[1].file: required\n`);
+    expect(r.stderr).toBe(`vstore: ${config}: vms[0].disks[1].file: required (or give volume)\n`);
     const missing = await vstore(['serve', '--config', path.join(dir, 'nope.yaml')]);
     expect(missing.stderr).toBe(`vstore: ${path.join(dir, 'nope.yaml')}: no such file\n`);
     const noImage = path.join(dir, 'noimg.yaml');

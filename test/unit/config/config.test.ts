@@ -39,6 +39,8 @@ describe('parseConfig', () => {
     const c = parseConfig({ vms: [{ name: 'vm1', disks: [{ name: 'disk0', file: 'img/d0.raw', size: '1G' }] }] }, '/etc/vstore');
     expect(c).toEqual({
       runDir: '/run/vstore',
+      stateDir: '/run/vstore/state',
+      nodes: [],
       control: '/run/vstore/control.sock',
       log: { level: 'info' },
       vms: [
@@ -85,7 +87,7 @@ describe('parseConfig', () => {
 
   it('names the bad field', () => {
     expect(problems(() => parseConfig({ vms: [{ name: 'vm1', disks: [{ name: 'a', file: '/a' }, { name: 'b' }] }] }, '/'))).toEqual([
-      'vms[0].disks[1].file: required',
+      'vms[0].disks[1].file: required (or give volume)',
     ]);
     expect(problems(() => parseConfig({ vms: [{ name: 'vm1', disks: [{ name: 'a', file: '/a', size: '12Q' }] }] }, '/'))[0]).toMatch(
       /^vms\[0\]\.disks\[0\]\.size: not a size/,
@@ -133,7 +135,7 @@ describe('parseVm / parseDisk', () => {
     expect(parseVm({ name: 'v' }, ctx).disks).toEqual([]);
   });
   it('names fields relative to the object', () => {
-    expect(problems(() => parseVm({ name: 'v', disks: [{ name: 'd' }] }, ctx))).toEqual(['disks[0].file: required']);
+    expect(problems(() => parseVm({ name: 'v', disks: [{ name: 'd' }] }, ctx))).toEqual(['disks[0].file: required (or give volume)']);
     expect(problems(() => parseDisk('v', { file: '/x' }, ctx))).toEqual(['name: required']);
     expect(problems(() => parseVm([], ctx))).toEqual(['(top level): expected object, got a list']);
   });
@@ -174,5 +176,36 @@ describe('loadConfig', () => {
   it('parseDocument handles both formats', () => {
     expect(parseDocument('a: 1')).toEqual({ a: 1 });
     expect(parseDocument('{"a": 1}')).toEqual({ a: 1 });
+  });
+});
+
+describe('remote volumes, resolver and embedded nodes', () => {
+  it('a volume disk gets its defaults; the resolver and nodes resolve their paths', () => {
+    const c = parseConfig(
+      {
+        resolver: { store: 'state/resolver.json', listen: ['unix:state/resolver.sock'] },
+        nodes: [{ id: 'n1', data: 'n1', listen: ['unix:n1/nbd.sock', '127.0.0.1:0'] }],
+        vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: '1G' } }] }],
+      },
+      '/srv',
+    );
+    expect(c.resolver).toEqual({ store: '/srv/state/resolver.json', listen: ['unix:/srv/state/resolver.sock'] });
+    expect(c.nodes).toEqual([{ id: 'n1', data: '/srv/n1', listen: ['unix:/srv/n1/nbd.sock', '127.0.0.1:0'], control: ['unix:/srv/n1/control.sock'] }]);
+    expect(c.vms[0]!.disks[0]!.volume).toEqual({ name: 'vm1/disk0', size: 2 ** 30, replicas: 2, waitTimeoutMs: 60_000, rebuildAfterMs: 600_000, connections: 2 });
+    expect(c.vms[0]!.disks[0]!.file).toBeUndefined();
+  });
+
+  it('refuses a volume without a resolver, file and volume together, nodes without a resolver, two resolvers', () => {
+    expect(problems(() => parseConfig({ vms: [{ name: 'v', disks: [{ name: 'd', volume: { size: '1G' } }] }] }, '/'))).toEqual([
+      'vms[0].disks[0].volume: a volume disk needs a resolver (top-level resolver)',
+    ]);
+    expect(problems(() => parseConfig({ resolver: { url: 'etcd://127.0.0.1:2379' }, vms: [{ name: 'v', disks: [{ name: 'd', file: 'x', volume: { size: '1G' } }] }] }, '/'))).toEqual([
+      'vms[0].disks[0].volume: give either file or volume, not both',
+    ]);
+    expect(problems(() => parseConfig({ nodes: [{ id: 'a', data: 'd', listen: ['unix:s'] }] }, '/'))).toEqual(['nodes: storage nodes need a resolver to register in']);
+    expect(problems(() => parseConfig({ resolver: { url: 'x:1', store: 'y' } }, '/'))).toEqual(['resolver.url: give either url (an external resolver) or store (an embedded one)']);
+    expect(problems(() => parseConfig({ resolver: { store: 'y' }, vms: [{ name: 'v', disks: [{ name: 'd', volume: { size: '1G', replicas: 9 } }] }] }, '/'))).toEqual([
+      'vms[0].disks[0].volume.replicas: at most 5',
+    ]);
   });
 });

@@ -108,7 +108,7 @@ describe('Daemon control API', () => {
     expect(dup).toMatchObject({ status: 409, json: { error: 'VM "b" already exists' } });
     const bad = await api('POST', '/v1/vms', { name: 'c', disks: [{ name: 'x' }, { name: 'y', file: 'y', size: 'lots' }] });
     expect(bad.status).toBe(400);
-    expect(bad.json.problems).toEqual(['disks[0].file: required', 'disks[1].size: not a size: "lots" (bytes, or a number with K, M, G, T suffix)']);
+    expect(bad.json.problems).toEqual(['disks[0].file: required (or give volume)', 'disks[1].size: not a size: "lots" (bytes, or a number with K, M, G, T suffix)']);
     const sameSocket = await api('POST', '/v1/vms', { name: 'c', disks: [{ name: 'x', file: 'c.img', nbd: { socket: path.join(dir, 'run', 'a-d.sock') } }] });
     expect(sameSocket.status).toBe(409);
     expect(sameSocket.json.error).toMatch(/^disks\[0\]\.nbd\.socket: socket .* is already used by a\/d$/);
