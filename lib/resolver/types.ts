@@ -125,7 +125,7 @@ export interface ResolverStore {
 const NODE_ID = /^[A-Za-z0-9._-]{1,64}$/;
 
 export function checkNodeId(id: string): void {
-  if (!NODE_ID.test(id)) throw new ResolverError('EINVAL', `bad node id "${id}" (1-64 of A-Z a-z 0-9 . _ -)`);
+  if (typeof id !== 'string' || !NODE_ID.test(id)) throw new ResolverError('EINVAL', `bad node id "${id}" (1-64 of A-Z a-z 0-9 . _ -)`);
 }
 
 /**
@@ -133,6 +133,7 @@ export function checkNodeId(id: string): void {
  * bytes (`vm1/disk0`). Directory names: absolute paths of such segments (`/projects/alpha`).
  */
 export function checkName(name: string, kind: NameKind): void {
+  if (typeof name !== 'string') throw new ResolverError('EINVAL', `bad ${kind} name ${JSON.stringify(name)}: not a string`);
   const body = kind === 'directory' ? (name.startsWith('/') ? name.slice(1) : null) : name;
   const ok =
     body !== null &&
@@ -147,4 +148,120 @@ export function checkName(name: string, kind: NameKind): void {
         : `bad volume name "${name}" (segments of A-Z a-z 0-9 . _ - joined by /)`,
     );
   }
+}
+
+// ---- Additions (validation shared by every store and the resolver service) ----
+
+/** Lease of a node that registers without a ttl (and is not static). */
+export const DEFAULT_LEASE_TTL_MS = 10_000;
+/** Most replicas a name may have. */
+export const MAX_REPLICAS = 16;
+
+const RESOLVER_CODES: ReadonlySet<string> = new Set(['ENOENT', 'EEXIST', 'ESTALE', 'ENOSPC', 'EINVAL', 'EUNAVAIL']);
+
+export function isResolverErrorCode(code: unknown): code is ResolverErrorCode {
+  return typeof code === 'string' && RESOLVER_CODES.has(code);
+}
+
+function isCount(n: unknown): n is number {
+  return typeof n === 'number' && Number.isSafeInteger(n) && n >= 0;
+}
+
+function isStringArray(a: unknown): a is string[] {
+  return Array.isArray(a) && a.every((s) => typeof s === 'string' && s.length > 0 && s.length <= 4096);
+}
+
+/** Checks the shape of a node record as it arrives from a caller (RPC, CLI, a store's file); EINVAL otherwise. */
+export function checkNodeRecord(rec: NodeRecord): void {
+  if (typeof rec !== 'object' || rec === null) throw new ResolverError('EINVAL', 'node record: not an object');
+  checkNodeId(rec.id);
+  const bad = (what: string): never => {
+    throw new ResolverError('EINVAL', `node ${rec.id}: ${what}`);
+  };
+  if (!isStringArray(rec.nbd)) bad('nbd: expected a list of addresses');
+  if (!isStringArray(rec.control)) bad('control: expected a list of addresses');
+  if (!isCount(rec.capacity)) bad(`capacity: expected bytes (a non-negative integer), got ${JSON.stringify(rec.capacity)}`);
+  if (!isCount(rec.free)) bad(`free: expected bytes (a non-negative integer), got ${JSON.stringify(rec.free)}`);
+  if (rec.zone !== undefined && (typeof rec.zone !== 'string' || !/^[A-Za-z0-9._-]{1,64}$/.test(rec.zone))) {
+    bad(`zone: expected 1-64 of A-Z a-z 0-9 . _ -, got ${JSON.stringify(rec.zone)}`);
+  }
+  if (rec.static !== undefined && typeof rec.static !== 'boolean') bad('static: expected true or false');
+  if (rec.static && rec.nbd.length === 0) bad('a static node needs at least one NBD address');
+}
+
+/** Checks a place request (name syntax, replicas, size, pins); EINVAL otherwise. */
+export function checkPlaceRequest(req: PlaceRequest): void {
+  if (typeof req !== 'object' || req === null) throw new ResolverError('EINVAL', 'place request: not an object');
+  if (req.kind !== 'volume' && req.kind !== 'directory') throw new ResolverError('EINVAL', `kind: expected volume or directory, got ${JSON.stringify(req.kind)}`);
+  checkName(req.name, req.kind);
+  if (!Number.isSafeInteger(req.replicas) || req.replicas < 1 || req.replicas > MAX_REPLICAS) {
+    throw new ResolverError('EINVAL', `${req.name}: replicas must be 1..${MAX_REPLICAS}, got ${JSON.stringify(req.replicas)}`);
+  }
+  if (req.kind === 'volume' && (!isCount(req.size) || req.size === 0)) {
+    throw new ResolverError('EINVAL', `${req.name}: a volume needs a size in bytes (a positive integer), got ${JSON.stringify(req.size)}`);
+  }
+  if (req.kind === 'directory' && req.size !== undefined && !isCount(req.size)) {
+    throw new ResolverError('EINVAL', `${req.name}: size must be a non-negative integer`);
+  }
+  if (req.nodes !== undefined) {
+    if (!Array.isArray(req.nodes)) throw new ResolverError('EINVAL', `${req.name}: nodes: expected a list`);
+    if (req.nodes.length > req.replicas) {
+      throw new ResolverError('EINVAL', `${req.name}: ${req.nodes.length} pinned nodes for ${req.replicas} replica(s)`);
+    }
+    const seen = new Set<string>();
+    for (const p of req.nodes) {
+      checkNodeId(p?.node);
+      if (p.export !== undefined && (typeof p.export !== 'string' || p.export.length > 4096)) {
+        throw new ResolverError('EINVAL', `${req.name}: export on ${p.node}: expected a string of at most 4096 bytes`);
+      }
+      if (seen.has(p.node)) throw new ResolverError('EINVAL', `${req.name}: node ${p.node} pinned twice (replicas live on distinct nodes)`);
+      seen.add(p.node);
+    }
+  }
+}
+
+/** Checks a name record handed to putName; EINVAL otherwise. */
+export function checkNameRecord(rec: NameRecord): void {
+  if (typeof rec !== 'object' || rec === null) throw new ResolverError('EINVAL', 'name record: not an object');
+  if (rec.kind !== 'volume' && rec.kind !== 'directory') throw new ResolverError('EINVAL', `kind: expected volume or directory, got ${JSON.stringify(rec.kind)}`);
+  checkName(rec.name, rec.kind);
+  const bad = (what: string): never => {
+    throw new ResolverError('EINVAL', `${rec.name}: ${what}`);
+  };
+  if (!Number.isSafeInteger(rec.version) || rec.version < 1) bad(`version: expected a positive integer, got ${JSON.stringify(rec.version)}`);
+  if (!isCount(rec.created)) bad('created: expected ms since the epoch');
+  if (rec.size !== undefined && !isCount(rec.size)) bad('size: expected bytes (a non-negative integer)');
+  if (rec.dirtyHost !== undefined && typeof rec.dirtyHost !== 'string') bad('dirtyHost: expected a string');
+  if (!Array.isArray(rec.replicas) || rec.replicas.length > MAX_REPLICAS) bad(`replicas: expected a list of at most ${MAX_REPLICAS}`);
+  const nodes = new Set<string>();
+  for (const r of rec.replicas) {
+    if (typeof r !== 'object' || r === null) bad('replicas: expected objects');
+    checkNodeId(r.node);
+    if (nodes.has(r.node)) bad(`node ${r.node} holds two replicas`);
+    nodes.add(r.node);
+    if (r.state !== 'in-sync' && r.state !== 'out-of-sync' && r.state !== 'rebuilding') bad(`replica on ${r.node}: bad state ${JSON.stringify(r.state)}`);
+    if (r.export !== undefined && typeof r.export !== 'string') bad(`replica on ${r.node}: export must be a string`);
+  }
+}
+
+/** The record with only the fields a NodeRecord has (callers may hand a NodeStatus, or extra fields over RPC). */
+export function cleanNode(r: NodeRecord): NodeRecord {
+  const out: NodeRecord = { id: r.id, nbd: [...r.nbd], control: [...r.control], capacity: r.capacity, free: r.free };
+  if (r.zone !== undefined) out.zone = r.zone;
+  if (r.static) out.static = true;
+  return out;
+}
+
+/** The record with only the fields a NameRecord has. */
+export function cleanName(r: NameRecord): NameRecord {
+  const out: NameRecord = {
+    name: r.name,
+    kind: r.kind,
+    replicas: r.replicas.map((x) => (x.export !== undefined ? { node: x.node, export: x.export, state: x.state } : { node: x.node, state: x.state })),
+    version: r.version,
+    created: r.created,
+  };
+  if (r.size !== undefined) out.size = r.size;
+  if (r.dirtyHost !== undefined) out.dirtyHost = r.dirtyHost;
+  return out;
 }
