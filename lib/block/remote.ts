@@ -1,0 +1,493 @@
+/**
+ * RemoteVolume: a Volume served by an NBD server elsewhere (a storage node, qemu-nbd, nbdkit),
+ * through one or more NbdClientConnections. The replicated layer holds one per replica.
+ *
+ * - `open()` must reach the server once: size, limits and caps come from that first handshake.
+ * - With CAN_MULTI_CONN, up to `connections` connections; a request goes to the one with the
+ *   fewest pending requests.
+ * - `up` is true while at least one connection is established. While it is false every new
+ *   request fails at once with ESHUTDOWN (nothing is queued: the layer above decides whether to
+ *   wait or to go degraded). Requests in flight on a connection that breaks fail with EIO.
+ * - A broken connection is re-established in the background with exponential backoff until
+ *   close(); a server that comes back with another size, or with fewer capabilities than the
+ *   volume advertised, is logged and treated as still down. 'down' is emitted when the last
+ *   connection breaks (once per outage), 'up' when one is back.
+ * - Requests larger than the server accepts are split; writeZeroes is emulated by writes of
+ *   zeroes when the server lacks WRITE_ZEROES; FUA is emulated by a flush when the server lacks
+ *   SEND_FUA; unaligned requests on a server with a minimum block size are read-modify-written.
+ */
+import { EventEmitter } from 'node:events';
+import { VolumeError, toVolumeError } from './errors.js';
+import type { BlockLimits, Extent, Volume, VolumeCapabilities, WriteOptions, ZeroOptions } from './volume.js';
+import type { Logger } from '../log.js';
+import * as C from '../nbd/constants.js';
+import { NbdClientConnection, parseNbdUri } from '../nbd/client.js';
+
+export interface RemoteVolumeOptions {
+  /** Replica id for logs and events, e.g. the node id. */
+  id: string;
+  /** One or more paths to the same server (lib/net syntax or nbd URIs), tried in order. */
+  addresses: string[];
+  /** Export name. */
+  export: string;
+  /** Connections when the server advertises CAN_MULTI_CONN (default 1). */
+  connections?: number;
+  /** Per-request timeout (ms); default 30000. */
+  timeoutMs?: number;
+  /** Connect + handshake timeout per address (ms); default 5000. */
+  connectTimeoutMs?: number;
+  /** Reconnect backoff: initialMs (default 100) doubling up to maxMs (default 5000). */
+  reconnect?: { initialMs?: number; maxMs?: number };
+  /** Requests on the wire per connection (default 64). */
+  maxInflightPerConnection?: number;
+  logger: Logger;
+}
+
+export interface RemoteDownEvent {
+  id: string;
+  reason: string;
+}
+export interface RemoteUpEvent {
+  id: string;
+  address: string;
+}
+
+/** Default block limits when the server sends no NBD_INFO_BLOCK_SIZE. */
+export const REMOTE_DEFAULT_LIMITS: Readonly<BlockLimits> = Object.freeze({ minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 });
+/** Bytes one emulated write-zeroes request writes at most. */
+const ZERO_CHUNK = 1024 * 1024;
+/** Split pieces of one call in flight at once. */
+const SPLIT_CONCURRENCY = 8;
+/** Largest length sent in one TRIM / fast WRITE_ZEROES / BLOCK_STATUS (the wire length is 32 bits). */
+const BIG_OP = 1 << 30;
+
+interface Slot {
+  index: number;
+  conn: NbdClientConnection | null;
+  connecting: boolean;
+  timer: NodeJS.Timeout | null;
+  backoff: number;
+}
+
+export class RemoteVolume extends EventEmitter implements Volume {
+  readonly id: string;
+  readonly size: number;
+  readonly limits: BlockLimits;
+  readonly caps: VolumeCapabilities;
+  private readonly flags: number;
+  private readonly blockStatusNegotiated: boolean;
+  private readonly slots: Slot[];
+  private readonly log: Logger;
+  private readonly initialMs: number;
+  private readonly maxMs: number;
+  private closed = false;
+  private wasUp = true;
+  private zeroBuf: Buffer | null = null;
+  /** Serializes read-modify-write of partial blocks (only with a minimum block size > 1). */
+  private rmwTail: Promise<void> = Promise.resolve();
+
+  private constructor(private readonly opts: RemoteVolumeOptions, first: NbdClientConnection, log: Logger) {
+    super();
+    this.id = opts.id;
+    this.log = log;
+    this.size = first.size;
+    this.flags = first.flags;
+    const f = first.flags;
+    const bs = first.info.blockSize;
+    const minimum = bs?.minimum ?? REMOTE_DEFAULT_LIMITS.minimum;
+    const preferred = Math.max(bs?.preferred ?? REMOTE_DEFAULT_LIMITS.preferred, minimum);
+    let maximum = Math.min(REMOTE_DEFAULT_LIMITS.maximum, bs?.maximum ?? REMOTE_DEFAULT_LIMITS.maximum);
+    maximum = Math.max(minimum, Math.floor(maximum / minimum) * minimum);
+    this.limits = Object.freeze({ minimum, preferred, maximum });
+    this.blockStatusNegotiated = first.info.baseAllocationId !== null;
+    const readOnly = (f & C.NBD_FLAG_READ_ONLY) !== 0;
+    const writeZeroes = !readOnly && (f & C.NBD_FLAG_SEND_WRITE_ZEROES) !== 0;
+    this.caps = Object.freeze({
+      readOnly,
+      flush: (f & C.NBD_FLAG_SEND_FLUSH) !== 0,
+      fua: !readOnly && (f & C.NBD_FLAG_SEND_FUA) !== 0,
+      trim: !readOnly && (f & C.NBD_FLAG_SEND_TRIM) !== 0,
+      writeZeroes,
+      fastZero: writeZeroes && (f & C.NBD_FLAG_SEND_FAST_ZERO) !== 0,
+      blockStatus: this.blockStatusNegotiated,
+      prefetch: (f & C.NBD_FLAG_SEND_CACHE) !== 0,
+      multiConn: (f & C.NBD_FLAG_CAN_MULTI_CONN) !== 0,
+    });
+    this.initialMs = opts.reconnect?.initialMs ?? 100;
+    this.maxMs = Math.max(this.initialMs, opts.reconnect?.maxMs ?? 5000);
+    const n = this.caps.multiConn ? Math.max(1, Math.floor(opts.connections ?? 1)) : 1;
+    this.slots = Array.from({ length: n }, (_, index) => ({ index, conn: null, connecting: false, timer: null, backoff: this.initialMs }));
+    this.attach(this.slots[0]!, first);
+  }
+
+  /** Connects (the first connection must succeed) and opens the other connections of multi-conn. */
+  static async open(opts: RemoteVolumeOptions): Promise<RemoteVolume> {
+    if (!Array.isArray(opts.addresses) || opts.addresses.length === 0) throw new VolumeError('EINVAL', `remote ${opts.id}: no address`);
+    for (const a of opts.addresses) {
+      let t;
+      try {
+        t = parseNbdUri(a);
+      } catch (e) {
+        throw new VolumeError('EINVAL', `remote ${opts.id}: ${(e as Error).message}`);
+      }
+      if (t.export !== undefined && t.export !== '' && t.export !== opts.export) {
+        throw new VolumeError('EINVAL', `remote ${opts.id}: address ${a} names export '${t.export}', not '${opts.export}'`);
+      }
+    }
+    const log = opts.logger.child({ replica: opts.id, export: opts.export });
+    const first = await connectAny(opts, log);
+    const vol = new RemoteVolume(opts, first, log);
+    await Promise.all(vol.slots.slice(1).map((s) => vol.reconnectNow(s)));
+    log.info({ size: vol.size, caps: vol.caps, limits: vol.limits, connections: vol.connectionCount }, 'remote: open');
+    return vol;
+  }
+
+  /** At least one connection is established. */
+  get up(): boolean {
+    return this.slots.some((s) => s.conn !== null && s.conn.ready);
+  }
+
+  /** Established connections. */
+  get connectionCount(): number {
+    return this.slots.filter((s) => s.conn !== null && s.conn.ready).length;
+  }
+
+  // ------------------------------------------------------------------ connections
+
+  private attach(slot: Slot, conn: NbdClientConnection): void {
+    slot.conn = conn;
+    slot.backoff = this.initialMs;
+    conn.once('close', (reason: string) => {
+      if (slot.conn !== conn) return;
+      slot.conn = null;
+      if (this.closed) return;
+      this.log.warn({ slot: slot.index, reason }, 'remote: connection lost');
+      if (!this.up && this.wasUp) {
+        this.wasUp = false;
+        this.emit('down', { id: this.id, reason } satisfies RemoteDownEvent);
+      }
+      this.schedule(slot);
+    });
+    if (!this.wasUp) {
+      this.wasUp = true;
+      this.log.info({ address: conn.address }, 'remote: up again');
+      this.emit('up', { id: this.id, address: conn.address } satisfies RemoteUpEvent);
+    }
+  }
+
+  private schedule(slot: Slot): void {
+    if (this.closed || slot.timer || slot.connecting) return;
+    const delay = slot.backoff;
+    slot.backoff = Math.min(slot.backoff * 2, this.maxMs);
+    slot.timer = setTimeout(() => {
+      slot.timer = null;
+      void this.reconnectNow(slot);
+    }, delay);
+    slot.timer.unref();
+  }
+
+  /** One reconnection attempt for a slot; on failure, schedules the next one. */
+  private async reconnectNow(slot: Slot): Promise<void> {
+    if (this.closed || slot.connecting || slot.conn) return;
+    slot.connecting = true;
+    let conn: NbdClientConnection | null = null;
+    try {
+      conn = await connectAny(this.opts, this.log);
+    } catch (e) {
+      this.log.debug({ slot: slot.index, err: (e as Error).message, retryMs: slot.backoff }, 'remote: reconnect failed');
+    }
+    slot.connecting = false;
+    if (this.closed) {
+      if (conn) await conn.close().catch(() => {});
+      return;
+    }
+    if (conn) {
+      const why = this.incompatible(conn);
+      if (why) {
+        this.log.error({ slot: slot.index, address: conn.address, why }, 'remote: the server came back changed; treated as down');
+        conn.destroy('incompatible export');
+        conn = null;
+      }
+    }
+    if (conn) this.attach(slot, conn);
+    else this.schedule(slot);
+  }
+
+  /** Why a new connection cannot serve this volume (changed size, lost capabilities), or null. */
+  private incompatible(conn: NbdClientConnection): string | null {
+    if (conn.size !== this.size) return `export size is ${conn.size}, was ${this.size}`;
+    const mask = C.NBD_FLAG_READ_ONLY | C.NBD_FLAG_SEND_FLUSH | C.NBD_FLAG_SEND_FUA | C.NBD_FLAG_SEND_TRIM | C.NBD_FLAG_SEND_WRITE_ZEROES |
+      C.NBD_FLAG_SEND_FAST_ZERO | C.NBD_FLAG_CAN_MULTI_CONN | C.NBD_FLAG_SEND_CACHE;
+    const was = this.flags & mask;
+    const now = conn.flags & mask;
+    if ((was & C.NBD_FLAG_READ_ONLY) !== (now & C.NBD_FLAG_READ_ONLY)) return 'read-only flag changed';
+    const lost = was & ~now & ~C.NBD_FLAG_READ_ONLY;
+    if (lost) return `transmission flags lost: 0x${lost.toString(16)}`;
+    if (this.blockStatusNegotiated && conn.info.baseAllocationId === null) return 'base:allocation no longer offered';
+    const bs = conn.info.blockSize;
+    if (bs && (bs.minimum > this.limits.minimum || this.limits.minimum % bs.minimum !== 0 || bs.maximum < this.limits.maximum)) {
+      return `block sizes changed to ${bs.minimum}/${bs.preferred}/${bs.maximum}`;
+    }
+    return null;
+  }
+
+  /** The established connection with the fewest pending requests; ESHUTDOWN when down. */
+  private pick(): NbdClientConnection {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: closed`);
+    let best: NbdClientConnection | null = null;
+    for (const s of this.slots) {
+      const c = s.conn;
+      if (c && c.ready && (!best || c.pending < best.pending)) best = c;
+    }
+    if (!best) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: not connected`);
+    return best;
+  }
+
+  /** Runs one wire request on a picked connection; errors are VolumeErrors. */
+  private async call<T>(fn: (c: NbdClientConnection) => Promise<T>): Promise<T> {
+    const c = this.pick();
+    try {
+      return await fn(c);
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  // ------------------------------------------------------------------ Volume
+
+  async read(offset: number, buf: Buffer): Promise<void> {
+    if (buf.length === 0) return;
+    const m = this.limits.minimum;
+    if (m > 1 && (offset % m !== 0 || buf.length % m !== 0)) {
+      const start = offset - (offset % m);
+      const end = roundUp(offset + buf.length, m, this.size);
+      const tmp = Buffer.allocUnsafe(end - start);
+      await this.readAligned(start, tmp);
+      tmp.copy(buf, 0, offset - start, offset - start + buf.length);
+      return;
+    }
+    await this.readAligned(offset, buf);
+  }
+
+  private readAligned(offset: number, buf: Buffer): Promise<void> {
+    this.pick(); // fail at once when down
+    return split(offset, buf.length, this.limits.maximum, (o, l) =>
+      this.call((c) => c.read(o, buf.subarray(o - offset, o - offset + l))));
+  }
+
+  async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    this.writable();
+    if (buf.length === 0) return;
+    const m = this.limits.minimum;
+    if (m > 1 && (offset % m !== 0 || buf.length % m !== 0)) {
+      await this.rmw(offset, buf.length, (tmp, at) => buf.copy(tmp, at), opts);
+      return;
+    }
+    await this.writeAligned(offset, buf, opts);
+  }
+
+  private async writeAligned(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    this.pick();
+    const { fua, emulate } = this.fua(opts);
+    await split(offset, buf.length, this.limits.maximum, (o, l) =>
+      this.call((c) => c.write(o, buf.subarray(o - offset, o - offset + l), { fua })));
+    if (emulate) await this.flush();
+  }
+
+  /**
+   * Read-modify-write of the blocks covering [offset, offset + length): reads them, lets `fill`
+   * change the bytes at `at` in the bounce buffer, writes them back. One at a time.
+   */
+  private rmw(offset: number, length: number, fill: (tmp: Buffer, at: number) => void, opts?: WriteOptions): Promise<void> {
+    const m = this.limits.minimum;
+    const run = async (): Promise<void> => {
+      const start = offset - (offset % m);
+      const end = roundUp(offset + length, m, this.size);
+      const tmp = Buffer.alloc(end - start);
+      const headLen = Math.min(m, end - start);
+      if (offset !== start || offset + length < start + headLen) await this.readAligned(start, tmp.subarray(0, headLen));
+      if ((offset + length) % m !== 0 && end - m >= start + headLen) await this.readAligned(end - m, tmp.subarray(end - m - start));
+      fill(tmp, offset - start);
+      await this.writeAligned(start, tmp, opts);
+    };
+    const p = this.rmwTail.then(run, run);
+    this.rmwTail = p.then(() => {}, () => {});
+    return p;
+  }
+
+  async flush(): Promise<void> {
+    if (!this.caps.flush) {
+      this.pick();
+      return;
+    }
+    // Every connection: with multi-conn one flush covers all, but a connection's own flush is
+    // the portable guarantee for writes that it carried.
+    const conns = this.liveConnections();
+    if (this.caps.multiConn) await this.call((c) => c.flush());
+    else await Promise.all(conns.map((c) => c.flush().catch((e) => Promise.reject(toVolumeError(e)))));
+  }
+
+  private liveConnections(): NbdClientConnection[] {
+    this.pick();
+    return this.slots.map((s) => s.conn).filter((c): c is NbdClientConnection => c !== null && c.ready);
+  }
+
+  async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    this.writable();
+    this.pick();
+    if (!this.caps.trim || length === 0) return;
+    const m = this.limits.minimum;
+    // Trim is advisory: an unaligned edge is simply not trimmed.
+    const start = roundUp(offset, m, Infinity);
+    const end = (offset + length) - ((offset + length) % m);
+    if (end <= start) return;
+    const { fua, emulate } = this.fua(opts);
+    await split(start, end - start, alignDown(BIG_OP, m), (o, l) => this.call((c) => c.trim(o, l, { fua })));
+    if (emulate) await this.flush();
+  }
+
+  async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    this.writable();
+    if (opts?.fastZero && !this.caps.fastZero) throw new VolumeError('ENOTSUP', `remote ${this.id}: the server offers no fast zero`);
+    this.pick();
+    if (length === 0) return;
+    const m = this.limits.minimum;
+    const start = roundUp(offset, m, Infinity);
+    const end = (offset + length) - ((offset + length) % m);
+    const edges: Promise<void>[] = [];
+    if (m > 1 && (start !== offset || end !== offset + length)) {
+      if (opts?.fastZero) throw new VolumeError('ENOTSUP', `remote ${this.id}: unaligned fast zero`);
+      const zeroEdge = (o: number, l: number): Promise<void> => this.rmw(o, l, (tmp, at) => tmp.fill(0, at, at + l), opts);
+      if (end <= start) return zeroEdge(offset, length);
+      if (start > offset) edges.push(zeroEdge(offset, start - offset));
+      if (end < offset + length) edges.push(zeroEdge(end, offset + length - end));
+    }
+    if (end > start) edges.push(this.zeroAligned(start, end - start, opts));
+    const results = await Promise.allSettled(edges);
+    for (const r of results) if (r.status === 'rejected') throw toVolumeError(r.reason);
+  }
+
+  private async zeroAligned(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    const { fua, emulate } = this.fua(opts);
+    if (!this.caps.writeZeroes) {
+      const chunk = alignDown(Math.min(this.limits.maximum, ZERO_CHUNK), this.limits.minimum) || this.limits.minimum;
+      if (!this.zeroBuf || this.zeroBuf.length < chunk) this.zeroBuf = Buffer.alloc(chunk);
+      const z = this.zeroBuf;
+      await split(offset, length, chunk, (o, l) => this.call((c) => c.write(o, z.subarray(0, l), { fua })));
+    } else {
+      const fast = Boolean(opts?.fastZero);
+      const max = fast ? alignDown(BIG_OP, this.limits.minimum) : this.limits.maximum;
+      await split(offset, length, max, (o, l) =>
+        this.call((c) => c.writeZeroes(o, l, { fua, noHole: !opts?.mayTrim, fastZero: fast })));
+    }
+    if (emulate) await this.flush();
+  }
+
+  async prefetch(offset: number, length: number): Promise<void> {
+    this.pick();
+    if (!this.caps.prefetch || length === 0) return;
+    const m = this.limits.minimum;
+    const start = offset - (offset % m);
+    const end = roundUp(offset + length, m, this.size);
+    await split(start, end - start, this.limits.maximum, (o, l) => this.call((c) => c.cache(o, l)));
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.pick();
+    if (length === 0) return [{ offset, length: 0, hole: false, zero: false }];
+    if (!this.caps.blockStatus) return [{ offset, length, hole: false, zero: false }];
+    const m = this.limits.minimum;
+    const start = offset - (offset % m);
+    const end = Math.min(roundUp(offset + length, m, this.size), start + alignDown(BIG_OP, m));
+    const extents = await this.call((c) => c.blockStatus(start, end - start));
+    // Clip to [offset, offset + length).
+    const out: Extent[] = [];
+    const stop = offset + length;
+    for (const e of extents) {
+      const s = Math.max(e.offset, offset);
+      const t = Math.min(e.offset + e.length, stop);
+      if (t > s) out.push({ offset: s, length: t - s, hole: e.hole, zero: e.zero });
+    }
+    if (out.length === 0) return [{ offset, length: Math.min(length, m), hole: false, zero: false }];
+    return out;
+  }
+
+  /** Sends NBD_CMD_DISC on every connection and stops reconnecting. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const s of this.slots) {
+      if (s.timer) clearTimeout(s.timer);
+      s.timer = null;
+    }
+    await Promise.all(this.slots.map((s) => s.conn?.close().catch(() => {})));
+    this.log.info('remote: closed');
+  }
+
+  // ------------------------------------------------------------------ helpers
+
+  private writable(): void {
+    if (this.caps.readOnly) throw new VolumeError('EPERM', `remote ${this.id}: export is read-only`);
+  }
+
+  /** FUA on the wire when the server has it, else a flush afterwards when it has flush. */
+  private fua(opts?: WriteOptions): { fua: boolean; emulate: boolean } {
+    if (!opts?.fua) return { fua: false, emulate: false };
+    if (this.caps.fua) return { fua: true, emulate: false };
+    return { fua: false, emulate: this.caps.flush };
+  }
+}
+
+/** Tries each address in order; resolves with the first connection, rejects with the last error. */
+async function connectAny(opts: RemoteVolumeOptions, log: Logger): Promise<NbdClientConnection> {
+  const errors: string[] = [];
+  let last: VolumeError | null = null;
+  for (const address of opts.addresses) {
+    try {
+      return await NbdClientConnection.connect({
+        address,
+        export: opts.export,
+        logger: log,
+        connectTimeoutMs: opts.connectTimeoutMs ?? 5000,
+        timeoutMs: opts.timeoutMs ?? 30_000,
+        maxInflight: opts.maxInflightPerConnection ?? 64,
+      });
+    } catch (e) {
+      last = toVolumeError(e);
+      errors.push(`${address}: ${last.message}`);
+    }
+  }
+  // ENOENT (no such export) and the like are more telling than the generic EIO of a dead path.
+  throw new VolumeError(last?.code ?? 'EIO', `remote ${opts.id}: cannot reach export '${opts.export}': ${errors.join('; ')}`);
+}
+
+/** Calls fn on consecutive pieces of at most `max` bytes, a few at once; the first error wins. */
+async function split(offset: number, length: number, max: number, fn: (o: number, l: number) => Promise<void>): Promise<void> {
+  if (length <= max) return fn(offset, length);
+  let next = offset;
+  const end = offset + length;
+  let error: unknown = null;
+  const worker = async (): Promise<void> => {
+    while (next < end && error === null) {
+      const o = next;
+      const l = Math.min(max, end - o);
+      next += l;
+      try {
+        await fn(o, l);
+      } catch (e) {
+        if (error === null) error = e;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(SPLIT_CONCURRENCY, Math.ceil(length / max)) }, worker));
+  if (error !== null) throw toVolumeError(error);
+}
+
+function roundUp(n: number, m: number, cap: number): number {
+  const r = n % m === 0 ? n : n + (m - (n % m));
+  return Math.min(r, cap);
+}
+
+function alignDown(n: number, m: number): number {
+  return n - (n % m);
+}
