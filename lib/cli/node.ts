@@ -16,8 +16,8 @@ import { exitAfterLogs, stopOnSignals } from './signals.js';
 
 interface NodeOpts {
   data: string;
-  listen: string[];
-  control: string[];
+  listen?: string[];
+  control?: string[];
   resolver?: string;
   id?: string;
   zone?: string;
@@ -26,8 +26,8 @@ interface NodeOpts {
   logLevel: string;
 }
 
-function collect(v: string, prev: string[]): string[] {
-  return [...prev, v];
+function collect(v: string, prev: string[] | undefined): string[] {
+  return [...(prev ?? []), v];
 }
 
 function checkAddress(flag: string, a: string): string {
@@ -52,8 +52,8 @@ export function nodeCommand(): Command {
       'run a storage node in the foreground until SIGTERM/SIGINT: every volume under DIR/volumes (sparse raw files, DIR/volumes/NAME.img) is an NBD export named NAME on every --listen address; volumes are created, grown, listed and deleted over the RPC control addresses; with --resolver the node registers its addresses, capacity and free space with a lease it refreshes every lease/3 (a resolver that cannot be reached is retried while the node keeps serving). FLUSH and FUA writes are answered only after fdatasync. On a signal the node deregisters, drains in-flight requests, flushes the volumes, removes its sockets and exits 0. Two nodes cannot serve the same DIR (DIR/lock).',
     )
     .requiredOption('--data <dir>', 'directory of the node: volumes/, node-id, lock (created if missing)')
-    .option('--listen <addr>', 'NBD listen address, repeatable: unix:/path/sock or HOST:PORT (port 0 picks one; see the log)', collect, [])
-    .option('--control <addr>', 'RPC control address, repeatable (default unix:DIR/control.sock)', collect, [])
+    .option('--listen <addr>', 'NBD listen address, repeatable: unix:/path/sock or HOST:PORT (port 0 picks one; see the log)', collect)
+    .option('--control <addr>', 'RPC control address, repeatable (default unix:DIR/control.sock)', collect)
     .option('--resolver <url>', 'resolver to register in: unix:/path (a `vstore resolver serve`), HOST:PORT, vstore://HOST:PORT, file:/path (embedded store file), etcd://HOST:PORT')
     .option('--id <id>', 'node id, 1-64 of A-Z a-z 0-9 . _ - (default: generated once and kept in DIR/node-id)')
     .option('--zone <zone>', 'failure domain label (replicas go to distinct zones)')
@@ -76,9 +76,9 @@ nbd://HOST:PORT/NAME, e.g.
     )
     .action(async (opts: NodeOpts) => {
       const data = path.resolve(opts.data);
-      if (!opts.listen.length) throw new Error('nothing to listen on: give --listen ADDR (unix:/path or HOST:PORT), repeatable');
+      if (!opts.listen?.length) throw new Error('nothing to listen on: give --listen ADDR (unix:/path or HOST:PORT), repeatable');
       const listen = opts.listen.map((a) => checkAddress('--listen', a));
-      const control = (opts.control.length ? opts.control : [`unix:${path.join(data, 'control.sock')}`]).map((a) => checkAddress('--control', a));
+      const control = (opts.control?.length ? opts.control : [`unix:${path.join(data, 'control.sock')}`]).map((a) => checkAddress('--control', a));
       let leaseTtlMs: number | undefined;
       if (opts.leaseTtl !== undefined) {
         leaseTtlMs = Number(opts.leaseTtl);
