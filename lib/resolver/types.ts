@@ -116,7 +116,10 @@ export interface ResolverStore {
    * by the same rules as placeName; used to rebuild a replica elsewhere. Does not change records.
    */
   chooseNodes(count: number, opts: { size?: number; exclude?: string[] }): Promise<NodeStatus[]>;
-  /** Calls `cb` when a name's record changes (etcd watch; embedded: in-process); returns an unsubscribe. */
+  /**
+   * Calls `cb` when a name's record changes (etcd: /v3/watch; embedded: in-process; the resolver
+   * service: polling); returns an unsubscribe. `cb` gets the new record, or null once deleted.
+   */
   watchName?(name: string, cb: (rec: NameRecord | null) => void): () => void;
 
   close(): Promise<void>;

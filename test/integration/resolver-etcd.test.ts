@@ -289,6 +289,10 @@ describe('EtcdStore on a real etcd', () => {
     await s.registerNode(nodeRec('n1', 10 * G), 30_000);
     await s.registerNode(nodeRec('st', 0, { static: true, control: [], capacity: 0 }));
     const { record } = await s.placeName({ name: 'vm1/disk0', kind: 'volume', size: G, replicas: 1 });
+    const watcher = store('/t-down/', { timeoutMs: 1000 });
+    const seen: (NameRecord | null)[] = [];
+    watcher.watchName('vm1/disk0', (r) => seen.push(r));
+    await new Promise((r) => setTimeout(r, 300));
 
     etcd.signal('SIGSTOP');
     try {
@@ -320,6 +324,11 @@ describe('EtcdStore on a real etcd', () => {
     expect((await s.getNode('n1'))!.alive).toBe(true);
     const r2 = await s.placeName({ name: 'vm1/disk1', kind: 'volume', size: G, replicas: 1 });
     expect(r2.created).toBe(true);
+    // the watch reconnected by itself and sees changes made after the restart
+    expect(seen).toEqual([]);
+    const v2 = await s.putName({ ...record, dirtyHost: 'after-restart' });
+    await expect.poll(() => seen.length, { timeout: 10_000 }).toBe(1);
+    expect(seen[0]).toEqual(v2);
     // the other tests' records survived too
     expect((await store('/t-place/').listNames()).length).toBe(3);
   });
