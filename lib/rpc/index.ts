@@ -23,6 +23,8 @@ export class RpcError extends Error {
   constructor(
     readonly code: string,
     message: string,
+    /** The call never got an answer (connect failed, connection lost, timeout): not the other side's error. */
+    readonly transport = false,
   ) {
     super(message);
     this.name = 'RpcError';
@@ -179,11 +181,11 @@ export class RpcServer {
     for (const s of this.sockets) s.destroy();
     await Promise.all(
       this.servers.map(
-        ({ server, addr }) =>
-          new Promise<void>((r) => {
-            server.close(() => r());
-            if ('unix' in addr) void rm(addr.unix, { force: true });
-          }),
+        async ({ server, addr }) => {
+          await new Promise<void>((r) => server.close(() => r()));
+          // Awaited: a server restarted at once on the same path must not lose its new socket file.
+          if ('unix' in addr) await rm(addr.unix, { force: true }).catch(() => {});
+        },
       ),
     );
     this.servers.length = 0;
@@ -226,7 +228,7 @@ export class RpcClient extends EventEmitter {
   }
 
   async call<T = unknown>(method: string, params?: unknown, opts: { timeoutMs?: number } = {}): Promise<T> {
-    if (this.closed) throw new RpcError('ESHUTDOWN', 'rpc client closed');
+    if (this.closed) throw new RpcError('ESHUTDOWN', 'rpc client closed', true);
     const sock = await this.connect();
     const id = this.nextId++;
     if (this.nextId > 0x7fffffff) this.nextId = 1;
@@ -234,7 +236,7 @@ export class RpcClient extends EventEmitter {
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
-        reject(new RpcError('ETIMEDOUT', `${method}: no answer from ${formatAddress(this.address)} in ${timeoutMs} ms`));
+        reject(new RpcError('ETIMEDOUT', `${method}: no answer from ${formatAddress(this.address)} in ${timeoutMs} ms`, true));
       }, timeoutMs);
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
       sock.write(encodeFrame({ i: id, m: method, p: params ?? null }));
@@ -247,7 +249,7 @@ export class RpcClient extends EventEmitter {
     const a = this.address;
     this.connecting = new Promise<net.Socket>((resolve, reject) => {
       const s = 'unix' in a ? net.connect(a.unix) : net.connect(a.port, a.host);
-      const t = setTimeout(() => s.destroy(new RpcError('ETIMEDOUT', `connect to ${formatAddress(a)} timed out`)), this.opts.connectTimeoutMs ?? 5000);
+      const t = setTimeout(() => s.destroy(new RpcError('ETIMEDOUT', `connect to ${formatAddress(a)} timed out`, true)), this.opts.connectTimeoutMs ?? 5000);
       s.once('connect', () => {
         clearTimeout(t);
         s.setNoDelay(true);
@@ -256,7 +258,7 @@ export class RpcClient extends EventEmitter {
       });
       s.once('error', (e: NodeJS.ErrnoException) => {
         clearTimeout(t);
-        if (this.sock !== s) reject(e instanceof RpcError ? e : new RpcError(e.code ?? 'ECONNREFUSED', `cannot connect to ${formatAddress(a)}: ${e.message}`));
+        if (this.sock !== s) reject(e instanceof RpcError ? e : new RpcError(e.code ?? 'ECONNREFUSED', `cannot connect to ${formatAddress(a)}: ${e.message}`, true));
       });
     }).finally(() => {
       this.connecting = null;
@@ -287,7 +289,7 @@ export class RpcClient extends EventEmitter {
       if (this.sock === s) this.sock = null;
       for (const [id, p] of this.pending) {
         clearTimeout(p.timer);
-        p.reject(new RpcError('ECONNRESET', `connection to ${formatAddress(this.address)} closed`));
+        p.reject(new RpcError('ECONNRESET', `connection to ${formatAddress(this.address)} closed`, true));
         this.pending.delete(id);
       }
       this.emit('close');

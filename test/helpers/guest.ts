@@ -29,6 +29,8 @@ export interface GuestRunOptions {
   timeoutMs?: number;
   /** Extra kernel command line. */
   append?: string;
+  /** Called with each `@@RESULT key value` line as the guest prints it (to act on the host mid-run). */
+  onResult?: (key: string, value: string) => void;
 }
 
 export interface GuestRunResult {
@@ -73,7 +75,19 @@ export async function runGuest(opts: GuestRunOptions): Promise<GuestRunResult> {
     '-append', `console=ttyS0 panic=-1 quiet ${opts.append ?? ''}`.trim(),
     ...(opts.qemuArgs ?? []),
   ];
-  const qemu = await run('qemu-system-x86_64', args, { timeoutMs: opts.timeoutMs ?? 120_000, check: false });
+  let pending = '';
+  const onStdout = opts.onResult
+    ? (chunk: string) => {
+        pending += chunk.replace(/\r/g, '');
+        const lines = pending.split('\n');
+        pending = lines.pop()!;
+        for (const l of lines) {
+          const m = /^@@RESULT (\S+) ?(.*)$/.exec(l.trim());
+          if (m) opts.onResult!(m[1]!, m[2]!);
+        }
+      }
+    : undefined;
+  const qemu = await run('qemu-system-x86_64', args, { timeoutMs: opts.timeoutMs ?? 120_000, check: false, ...(onStdout ? { onStdout } : {}) });
   const serial = qemu.stdout.replace(/\r/g, '');
   const results: Array<{ key: string; value: string }> = [];
   const map = new Map<string, string>();

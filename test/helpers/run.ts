@@ -22,6 +22,8 @@ export interface RunOptions {
   cwd?: string;
   /** Throw unless the exit status is 0 (default true). */
   check?: boolean;
+  /** Called with each chunk of stdout as it arrives (to react to a program while it runs). */
+  onStdout?: (chunk: string) => void;
 }
 
 /** Runs `file args...` (no shell), captures stdout/stderr; kills it with SIGKILL at the timeout. */
@@ -36,7 +38,10 @@ export function run(file: string, args: string[], opts: RunOptions = {}): Promis
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let timedOut = false;
-    child.stdout!.on('data', (b: Buffer) => out.push(b));
+    child.stdout!.on('data', (b: Buffer) => {
+      out.push(b);
+      opts.onStdout?.(b.toString('utf8'));
+    });
     child.stderr!.on('data', (b: Buffer) => err.push(b));
     const timer = setTimeout(() => {
       timedOut = true;
