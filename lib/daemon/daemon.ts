@@ -13,7 +13,13 @@ import { FileVolume } from '../block/file.js';
 import { ConfigError, type DaemonConfig, type DiskConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
+import { StorageNode } from '../node/node.js';
+import { EmbeddedStore } from '../resolver/embedded.js';
+import { openResolver } from '../resolver/open.js';
+import { ResolverService } from '../resolver/service.js';
+import type { ResolverStore } from '../resolver/types.js';
 import { ControlServer, type DaemonStatus } from './control.js';
+import { RemoteDisks } from './remote.js';
 import { RegistryError, VmRegistry, type NbdServerFactory, type NbdServerLike, type VhostServerFactory, type VolumeOpener } from './registry.js';
 
 export interface DaemonDeps {
@@ -37,6 +43,9 @@ export class Daemon {
   private registry: VmRegistry | undefined;
   private tcpServer: NbdServerLike | undefined;
   private control: ControlServer | undefined;
+  private resolver: ResolverStore | undefined;
+  private resolverService: ResolverService | undefined;
+  private readonly nodes: StorageNode[] = [];
   private stopping: Promise<void> | undefined;
   /** Settles (never rejects) once start()'s steps have ended, however they ended. */
   private startup: Promise<void> | undefined;
@@ -91,10 +100,17 @@ export class Daemon {
       checkStop();
       this.tcpServer = this.deps.createServer({ logger: logger.child({ listener: 'tcp' }), ...(tls ? { tls } : {}) });
     }
+    await this.startStorage(checkStop);
+    const remote = this.resolver ? new RemoteDisks({ resolver: this.resolver, stateDir: config.stateDir, logger: logger.child({ component: 'remote' }) }) : undefined;
+    const openFile = this.deps.openVolume ?? openFileVolume;
     const registry = new VmRegistry({
       logger,
       createServer: this.deps.createServer,
-      openVolume: this.deps.openVolume ?? openFileVolume,
+      openVolume: async (d) => {
+        if (!d.volume) return openFile(d);
+        if (!remote) throw new RegistryError(400, 'volume: this daemon has no resolver (top-level resolver in its config)');
+        return remote.open(d);
+      },
       ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
     });
@@ -131,6 +147,50 @@ export class Daemon {
       status: () => this.status(),
     });
     await this.control.listen(config.control);
+  }
+
+  /**
+   * The resolver (embedded — served to nodes and other daemons when it has listen addresses — or
+   * external), then the embedded storage nodes, which register in it. Before any disk: a disk
+   * with a volume is placed through the resolver on those nodes.
+   */
+  private async startStorage(checkStop: () => void): Promise<void> {
+    const { config, logger } = this;
+    const r = config.resolver;
+    if (!r) return;
+    const rlog = logger.child({ component: 'resolver' });
+    try {
+      if (r.store) {
+        const store = await EmbeddedStore.open(r.store, { logger: rlog });
+        this.resolver = store;
+        if (r.listen.length) {
+          this.resolverService = await ResolverService.start({ store, listen: r.listen, logger: rlog });
+          rlog.info({ listen: r.listen, store: r.store }, 'embedded resolver serving');
+        }
+      } else {
+        this.resolver = await openResolver(r.url!, { logger: rlog });
+      }
+    } catch (e) {
+      throw new ConfigError([`resolver: ${(e as Error).message}`]);
+    }
+    for (const [i, n] of config.nodes.entries()) {
+      checkStop();
+      try {
+        this.nodes.push(
+          await StorageNode.start({
+            id: n.id,
+            data: n.data,
+            nbd: n.listen,
+            control: n.control,
+            ...(n.zone !== undefined ? { zone: n.zone } : {}),
+            resolver: this.resolver,
+            logger: logger.child({ node: n.id }),
+          }),
+        );
+      } catch (e) {
+        throw new ConfigError([`nodes[${i}]: ${(e as Error).message}`]);
+      }
+    }
   }
 
   /**
@@ -177,6 +237,10 @@ export class Daemon {
       log.info('stopping: closing the TCP listener');
       await this.tcpServer.close().catch((e: unknown) => log.error({ err: e }, 'closing the TCP listener failed'));
     }
+    // Storage after the disks that use it.
+    for (const n of this.nodes.splice(0).reverse()) await n.stop().catch((e: unknown) => log.error({ err: e }, 'stopping a storage node failed'));
+    await this.resolverService?.close().catch((e: unknown) => log.error({ err: e }, 'closing the resolver service failed'));
+    await this.resolver?.close().catch(() => {});
     log.info('stopped: every disk flushed, sockets removed');
   }
 }
