@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (`npm start`): installs and builds what is missing
-# (scripts/setup.sh), then runs the vstore daemon in the foreground on fixtures/demo.yaml — one
-# demo VM with a 1 GiB sparse disk under ./.state/ (created on first run) — and prints how to
-# attach it to QEMU and how to look at it. Ctrl-C (SIGINT) or SIGTERM drains, flushes and exits 0.
+# (scripts/setup.sh), then runs vstore in the foreground on fixtures/demo.yaml — on this one
+# machine and in one process, an embedded resolver, two storage nodes (./.state/node1, node2)
+# and the host daemon, with one demo VM whose 1 GiB disk is a volume replicated on both nodes
+# (created on first run, found again through the resolver after that) — and prints how to attach
+# it to QEMU and how to look at it. Ctrl-C (SIGINT) or SIGTERM drains, flushes and exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -17,7 +19,8 @@ CONTROL="$STATE/run/control.sock"
 mkdir -p "$STATE/run"
 
 cat <<INFO
-vstore demo: serving VM "demo", disk "disk0" ($STATE/demo-disk0.img, 1 GiB sparse)
+vstore demo: an embedded resolver, storage nodes node1 and node2, and the daemon serving VM "demo",
+disk "disk0": volume demo/disk0, 1 GiB, one replica on each node ($STATE/node{1,2}/volumes/demo/disk0.img)
   NBD socket:     $SOCK   (export name "")
   vhost-user-blk: $VSOCK
   control socket: $CONTROL
@@ -36,6 +39,8 @@ or as a vhost-user-blk device (guest RAM must be shared memory; one front end at
 Look at it:
   nbdinfo 'nbd+unix:///?socket=$SOCK'
   node bin/vstore.js status --control $CONTROL
+  node bin/vstore.js resolver show demo/disk0 --resolver unix:$STATE/run/resolver.sock
+  node bin/vstore.js resolver nodes --resolver unix:$STATE/run/resolver.sock
   curl --unix-socket $CONTROL http://vstore/metrics
 
 Ctrl-C stops the daemon (drains in-flight requests, flushes the disk, removes the sockets).

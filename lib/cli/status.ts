@@ -40,6 +40,9 @@ export function renderStatus(s: DaemonStatus): string {
   const header = ['VM', 'DISK', 'SIZE', 'MODE', 'CONN', 'INFLIGHT', 'READS', 'WRITES', 'ERRORS', 'SOCKET', 'EXPORT'];
   // The vhost-user columns only when some disk has a vhost-user-blk socket.
   if (vhost) header.push('VHOST-USER', 'VU-CONN', 'VU-REQS', 'VU-ERRORS');
+  // The replica column only when some disk is a replicated volume.
+  const replicated = s.vms.some((vm) => vm.disks.some((d) => d.replication));
+  if (replicated) header.push('REPLICAS');
   header.push('FILE');
   const rows = [header];
   for (const vm of s.vms) {
@@ -58,11 +61,27 @@ export function renderStatus(s: DaemonStatus): string {
         d.socket || '-',
         d.socket ? JSON.stringify(d.export) : '-',
         ...(vhost ? vhostCells(d) : []),
+        ...(replicated ? [replicaCell(d)] : []),
         d.file,
       ]);
     }
   }
   return out + renderTable(rows);
+}
+
+/** Each replica as NODE:STATE, with `down`, dirty bytes and resync progress when there are any. */
+export function replicaCell(d: DaemonStatus['vms'][number]['disks'][number]): string {
+  const r = d.replication;
+  if (!r) return '-';
+  return r.replicas
+    .map((x) => {
+      let c = `${x.id}:${x.state}`;
+      if (!x.up) c += '(down)';
+      if (x.resync) c += `(resync ${x.resync.totalBytes ? Math.floor((100 * x.resync.doneBytes) / x.resync.totalBytes) : 100}%)`;
+      else if (x.dirtyBytes > 0) c += `(${formatBytes(x.dirtyBytes)} dirty)`;
+      return c;
+    })
+    .join(' ');
 }
 
 /** Socket, front end connected (and connections so far), requests completed, errors and drops. */
@@ -76,7 +95,7 @@ export function registerStatus(program: Command): void {
   program
     .command('status')
     .summary("show the running daemon's VMs, disks and counters")
-    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one) and file")
+    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume")
     .addOption(controlOption())
     .option('--json', 'print the raw status object (GET /v1/status) as JSON', false)
     .addHelpText(

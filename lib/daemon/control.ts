@@ -227,5 +227,18 @@ export function renderMetrics(s: DaemonStatus): string {
       (['ok', 'ioerr', 'unsupp', 'dropped'] as const).map((k): [string, number] => [`${labels.slice(0, -1)},status="${k}"}`, v[k]]),
     ),
   );
+  // Replicated volumes: one row per replica.
+  const reps = disks.flatMap(({ d, labels }) =>
+    (d.replication?.replicas ?? []).map((r) => ({ labels: `${labels.slice(0, -1)},replica="${lv(r.id)}"}`, r })),
+  );
+  family('vstore_replica_in_sync', 'gauge', '1 when the replica is in sync (0: out of sync or rebuilding).', reps.map(({ labels, r }) => [labels, r.state === 'in-sync' ? 1 : 0]));
+  family('vstore_replica_up', 'gauge', '1 when the replica is reachable.', reps.map(({ labels, r }) => [labels, r.up ? 1 : 0]));
+  family('vstore_replica_dirty_bytes', 'gauge', 'Bytes the replica missed (dirty-region log), to be resynced.', reps.map(({ labels, r }) => [labels, r.dirtyBytes]));
+  family(
+    'vstore_replica_resync_remaining_bytes',
+    'gauge',
+    'Bytes a running resync or rebuild still has to copy (0 when none runs).',
+    reps.map(({ labels, r }) => [labels, r.resync ? r.resync.totalBytes - r.resync.doneBytes : 0]),
+  );
   return out.join('\n') + '\n';
 }

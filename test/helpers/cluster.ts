@@ -124,6 +124,8 @@ export interface DaemonProc extends Proc {
   diskSocket(vm: string, disk: string): string;
   /** GET on the control API (JSON). */
   get<T = unknown>(p: string): Promise<T>;
+  /** GET on the control API, as text (/metrics). */
+  text(p: string): Promise<string>;
 }
 
 /** `vstore serve` on `config` (written to dir/config.json with runDir/stateDir/control in dir); ready when the control socket is. */
@@ -135,25 +137,20 @@ export async function startDaemonWith(dir: string, config: Record<string, unknow
   const file = path.join(dir, 'config.json');
   writeFileSync(file, JSON.stringify({ runDir, stateDir: path.join(dir, 'state'), control, ...config }, null, 2));
   const p = await spawnProc(process.execPath, [VSTORE_BIN, 'serve', '-c', file, '--log-level', 'info'], () => existsSync(control), 60_000);
-  const get = async <T>(urlPath: string): Promise<T> => {
+  const text = async (urlPath: string): Promise<string> => {
     const { request } = await import('node:http');
-    return new Promise<T>((resolve, reject) => {
+    return new Promise<string>((resolve, reject) => {
       const req = request({ socketPath: control, path: urlPath, method: 'GET', headers: { host: 'vstore' } }, (res) => {
         let body = '';
         res.on('data', (c: Buffer) => (body += c.toString()));
-        res.on('end', () => {
-          try {
-            resolve(JSON.parse(body) as T);
-          } catch (e) {
-            reject(e as Error);
-          }
-        });
+        res.on('end', () => resolve(body));
       });
       req.on('error', reject);
       req.end();
     });
   };
-  return Object.assign(p, { config: file, control, runDir, diskSocket: (vm: string, disk: string) => path.join(runDir, `${vm}-${disk}.sock`), get });
+  const get = async <T>(urlPath: string): Promise<T> => JSON.parse(await text(urlPath)) as T;
+  return Object.assign(p, { config: file, control, runDir, diskSocket: (vm: string, disk: string) => path.join(runDir, `${vm}-${disk}.sock`), get, text });
 }
 
 export function freeTcpPort(): Promise<number> {

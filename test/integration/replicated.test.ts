@@ -65,6 +65,12 @@ describe('replicated volume through the daemon (resolver service, two node proce
         expect(r.stdout, `${n.id}: ${r.stdout}`).not.toMatch(/Pattern verification failed/);
       }
       expect((await replicas(daemon)).map((r) => r.state)).toEqual(['in-sync', 'in-sync']);
+      // Operators see the same in `vstore status` and the metrics.
+      const st = await run(process.execPath, [path.resolve('bin/vstore.js'), 'status', '--control', daemon.control]);
+      expect(st.stdout).toMatch(/REPLICAS/);
+      expect(st.stdout).toMatch(/n1:in-sync n2:in-sync|n2:in-sync n1:in-sync/);
+      expect(st.stdout).toMatch(/volume vm1\/disk0 \(2 replicas\)/);
+      expect(await daemon.text('/metrics')).toMatch(/vstore_replica_in_sync\{vm="vm1",disk="disk0",replica="n1"\} 1/);
     } finally {
       await daemon.stop();
       for (const n of nodes) await n.stop();
