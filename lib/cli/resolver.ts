@@ -296,7 +296,7 @@ function placeCommand(): Command {
     )
     .argument('<name>', 'volume name (vm1/disk0) or, with --kind directory, a directory path (/projects/alpha)')
     .option('--size <size>', 'volume size (bytes, or K/M/G/T suffix)')
-    .option('--replicas <n>', 'number of replicas', '1')
+    .option('--replicas <n>', 'number of replicas (default: the number of --on pins, at least 1)')
     .option('--on <node[:export]>', 'pin a replica to this node (and export name), repeatable', collect, [])
     .addOption(new Option('--kind <kind>', 'what the name is').choices(['volume', 'directory']).default('volume'))
     .addOption(resolverOption())
@@ -308,8 +308,8 @@ Examples:
   $ vstore resolver place vm1/disk0 --size 10G --replicas 2 --resolver etcd://127.0.0.1:2379
   $ vstore resolver place vm2/disk0 --size 1G --on nbdkit1:disk0 --resolver unix:/run/vstore/resolver.sock`,
     )
-    .action(async (name: string, opts: { size?: string; replicas: string; on: string[]; kind: NameKind; resolver: string; json: boolean }) => {
-      const replicas = Number(opts.replicas);
+    .action(async (name: string, opts: { size?: string; replicas?: string; on: string[]; kind: NameKind; resolver: string; json: boolean }) => {
+      const replicas = opts.replicas === undefined ? Math.max(1, opts.on.length) : Number(opts.replicas);
       if (!Number.isSafeInteger(replicas) || replicas < 1) throw new Error(`--replicas: expected a positive integer, got "${opts.replicas}"`);
       if (opts.kind === 'volume' && opts.size === undefined) throw new Error('--size: a volume needs a size');
       const size = opts.size !== undefined ? sizeArg('--size', opts.size) : undefined;

@@ -163,3 +163,97 @@ describe('replicated volume through the daemon (resolver service, two node proce
     }
   });
 });
+
+describe('any NBD server as a storage node', () => {
+  it('a volume on an nbdkit and a qemu-nbd node: qemu-img and fio through the daemon; both servers hold the data', async () => {
+    requireCommands('nbdkit', 'qemu-nbd');
+    const dir = tempDir('vst-repl-static-');
+    const resolver = await startResolverService(path.join(dir, 'resolver'));
+    const vstore = (args: string[]) => run(process.execPath, [path.resolve('bin/vstore.js'), 'resolver', ...args, '--resolver', resolver.url]);
+    const SIZE = 64 * MiB;
+    const imgA = path.join(dir, 'nbdkit.img');
+    const imgB = path.join(dir, 'qemu-nbd.img');
+    await run('truncate', ['-s', String(SIZE), imgA]);
+    await run('truncate', ['-s', String(SIZE), imgB]);
+    const sockA = path.join(dir, 'nbdkit.sock');
+    const sockB = path.join(dir, 'qemu-nbd.sock');
+    const { spawnProc } = await import('../helpers/cluster.js');
+    const { existsSync } = await import('node:fs');
+    const nbdkit = await spawnProc('nbdkit', ['--foreground', '--unix', sockA, '--exportname', 'vm1-disk0', 'file', imgA], () => existsSync(sockA));
+    const qnbd = await spawnProc('qemu-nbd', ['-f', 'raw', '--cache=none', '--aio=threads', '-x', 'vm1-disk0', '-k', sockB, '--shared=4', imgB], () => existsSync(sockB));
+    let daemon: DaemonProc | undefined;
+    try {
+      await vstore(['node', 'add', 'kit', '--nbd', `unix:${sockA}`]);
+      await vstore(['node', 'add', 'qn', '--nbd', `unix:${sockB}`]);
+      await vstore(['place', 'vm1/disk0', '--size', String(SIZE), '--on', 'kit:vm1-disk0', '--on', 'qn:vm1-disk0']);
+      daemon = await startDaemonWith(path.join(dir, 'host'), {
+        resolver: { url: resolver.url },
+        vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: SIZE, replicas: 2 } }] }],
+      });
+      const sock = daemon.diskSocket('vm1', 'disk0');
+      const src = path.join(dir, 'src.qcow2');
+      await run('qemu-img', ['create', '-f', 'qcow2', src, String(SIZE)]);
+      await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xc1 0 8M', '-c', 'write -P 0xc2 40M 3M', src]);
+      await run('qemu-img', ['convert', '-n', '-f', 'qcow2', '-O', 'raw', src, uri(sock)]);
+      const cmp = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', src, uri(sock)], { check: false });
+      expect(cmp.code, cmp.stdout).toBe(0);
+      const fio = await run('fio', [
+        '--name=static', '--ioengine=nbd', `--uri=${uri(sock)}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
+        '--offset=16M', '--size=16M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_dump=0',
+      ], { timeoutMs: 120_000 });
+      expect(fio.stdout + fio.stderr).not.toMatch(/verify: bad|err=\s*[1-9]/);
+      await run('qemu-io', ['-f', 'raw', '-c', 'flush', uri(sock)]);
+      await daemon.stop();
+      daemon = undefined;
+      await nbdkit.stop();
+      await qnbd.stop();
+      const same = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', imgA, imgB], { check: false });
+      expect(same.code, same.stdout).toBe(0);
+      const first = await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', src, imgA], { check: false });
+      // The fio region differs from the qcow2 source; everything else is what convert wrote.
+      expect(first.stdout).toMatch(/Content mismatch at offset 16777216|Images are identical/);
+    } finally {
+      await daemon?.stop();
+      await nbdkit.stop(false);
+      await qnbd.stop(false);
+      await resolver.stop();
+    }
+  });
+});
+
+describe('rebuild', () => {
+  it('a node gone for good: its replica is rebuilt on a third node, which ends identical', async () => {
+    const dir = tempDir('vst-repl-rebuild-');
+    const resolver = await startResolverService(path.join(dir, 'resolver'));
+    const nodes: NodeProc[] = [
+      await startStorageNode({ id: 'r1', data: path.join(dir, 'r1'), resolver: resolver.url, leaseTtlMs: 3000 }),
+      await startStorageNode({ id: 'r2', data: path.join(dir, 'r2'), resolver: resolver.url, leaseTtlMs: 3000 }),
+    ];
+    const daemon = await startDaemonWith(path.join(dir, 'host'), {
+      resolver: { url: resolver.url },
+      vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: '32M', replicas: 2, rebuildAfterMs: 2000 } }] }],
+    });
+    try {
+      const sock = daemon.diskSocket('vm1', 'disk0');
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 0 4M', '-c', 'write -P 0x45 20M 2M', '-c', 'flush', uri(sock)]);
+      // The third node joins; r2 dies and never returns.
+      nodes.push(await startStorageNode({ id: 'r3', data: path.join(dir, 'r3'), resolver: resolver.url, leaseTtlMs: 3000 }));
+      await nodes[1]!.kill();
+      await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x46 8M 1M', '-c', 'flush', uri(sock)]);
+      await until('r3 in sync in place of r2', async () => {
+        const r = await replicas(daemon);
+        return r.length === 2 && r.some((x) => x.id === 'r3' && x.state === 'in-sync') && !r.some((x) => x.id === 'r2');
+      }, 60_000);
+      const show = await run(process.execPath, [path.resolve('bin/vstore.js'), 'resolver', 'show', 'vm1/disk0', '--resolver', resolver.url, '--json']);
+      expect(JSON.parse(show.stdout).replicas.map((r: { node: string }) => r.node).sort()).toEqual(['r1', 'r3']);
+      const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', nodes[0]!.volumeFile('vm1/disk0'), nodes[2]!.volumeFile('vm1/disk0')], { check: false });
+      expect(cmp.code, cmp.stdout).toBe(0);
+      const r = await run('qemu-io', ['-f', 'raw', '-r', '-c', 'read -P 0x44 0 4M', '-c', 'read -P 0x46 8M 1M', '-c', 'read -P 0x45 20M 2M', nodes[2]!.volumeFile('vm1/disk0')]);
+      expect(r.stdout).not.toMatch(/Pattern verification failed/);
+    } finally {
+      await daemon.stop();
+      for (const n of nodes) if (!n.exited) await n.stop();
+      await resolver.stop();
+    }
+  });
+});
