@@ -19,6 +19,7 @@ const LABEL = {
   randread: '4k randread QD32',
   randwrite: '4k randwrite QD32',
   seqread: '1M seq read QD8',
+  seqwrite: '1M seq write QD8',
 };
 const SERVER_ORDER = (args.servers ?? 'vstore,nbdkit,qemu-nbd').split(',');
 const SUBJECT = args.subject ?? 'vstore';
@@ -27,7 +28,7 @@ const ANCHORS = (args.anchors ?? 'nbdkit,qemu-nbd').split(',').filter(Boolean);
 const REFERENCE = (args.reference ?? '').split(',').filter(Boolean);
 const TITLE = args.title ?? 'NBD over a unix socket, fio nbd engine, 1 connection (higher is better)';
 const COLOR = {
-  vstore: '#2f6fdf', nbdkit: '#7a8696', 'qemu-nbd': '#c98b2b',
+  vstore: '#2f6fdf', nbdkit: '#7a8696', 'qemu-nbd': '#c98b2b', replicated: '#2f6fdf', 'one-node': '#7a8696',
   'vstore-vhost': '#2f6fdf', 'qsd-vhost': '#c98b2b', 'vstore-nbd': '#7fa7ef', 'null-vhost': '#b8bec6',
 };
 // Key of a ratio in results.json: vsNbdkit, vsQemuNbd, vsQsdVhost, ...
@@ -41,7 +42,7 @@ for (const f of readdirSync(rawDir).filter((f) => f.endsWith('.json')).sort()) {
   const text = readFileSync(path.join(rawDir, f), 'utf8');
   const doc = JSON.parse(text.slice(text.indexOf('{')));
   const job = doc.jobs[0];
-  const side = m[1] === 'randwrite' ? job.write : job.read;
+  const side = m[1] === 'randwrite' || m[1] === 'seqwrite' ? job.write : job.read;
   runs.push({
     workload: m[1],
     server: m[2],
@@ -81,7 +82,7 @@ for (const w of workloads) {
     };
   }
 }
-const metricOf = (w) => (w === 'seqread' ? 'mibs' : 'iops');
+const metricOf = (w) => (w === 'seqread' || w === 'seqwrite' ? 'mibs' : 'iops');
 const ratio = (w, other) => {
   const a = results[w][SUBJECT]?.[metricOf(w)];
   const b = results[w][other]?.[metricOf(w)];
