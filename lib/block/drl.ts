@@ -341,12 +341,19 @@ export class DirtyRegionLog {
    * dirty. Resolves when the new header is durable.
    */
   async rename(oldId: string, newId: string): Promise<void> {
-    const slot = this.slot(oldId);
+    this.slot(oldId);
     if (oldId === newId) return;
     if (this.ids.includes(newId)) throw new VolumeError('EEXIST', `replica id "${newId}" already in the log`);
-    const ids = [...this.ids];
-    ids[slot] = newId;
-    await this.writeHeader(ids);
+    // The new ids are computed under the header lock, from the ids as they are then (two
+    // renames at once must not undo each other).
+    await this.writeHeader((ids) => {
+      const slot = ids.indexOf(oldId);
+      if (slot < 0) throw new VolumeError('ENOENT', `replica "${oldId}" is not in the dirty-region log`);
+      if (ids.includes(newId)) throw new VolumeError('EEXIST', `replica id "${newId}" already in the log`);
+      const next = [...ids];
+      next[slot] = newId;
+      return next;
+    });
   }
 
   /** Writes pending changes (clears included) and closes the file. */
@@ -447,9 +454,10 @@ export class DirtyRegionLog {
     }
   }
 
-  private writeHeader(ids: string[]): Promise<void> {
+  private writeHeader(change: (ids: string[]) => string[]): Promise<void> {
     const run = async (): Promise<void> => {
       if (this.closed) throw new VolumeError('ESHUTDOWN', 'dirty-region log is closed');
+      const ids = change(this.ids);
       const generation = this.generation + 1;
       const hb = encodeDrlHeader({ generation, size: this.size, regionSize: this.regionSize, ids });
       await this.fh.write(hb, 0, HEADER_SIZE, (generation % 2) * HEADER_SIZE);
@@ -476,7 +484,7 @@ export class DirtyRegionLog {
       await this.setBits(slot, 0, this.regions - 1);
       ids[slot] = id;
     }
-    await this.writeHeader(ids);
+    await this.writeHeader(() => ids);
   }
 }
 

@@ -44,6 +44,8 @@ const WRITE_LIKE: ReadonlySet<MemoryOp> = new Set(['write', 'trim', 'writeZeroes
 interface Held {
   resolve: () => void;
   reject: (e: unknown) => void;
+  /** Runs, but its reply is lost (fails with EIO after it took effect). */
+  lost: boolean;
 }
 
 export class FaultyVolume extends EventEmitter implements ReplicaVolume {
@@ -89,11 +91,21 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
 
   // ---- controls ----
 
-  /** Becomes unreachable: requests in flight fail with EIO, new ones with ESHUTDOWN; emits 'down'. */
-  goDown(): void {
+  /**
+   * Becomes unreachable: requests in flight fail with EIO (with `applyInFlight`, after taking
+   * effect: the reply was lost, not the request), new ones with ESHUTDOWN; emits 'down'.
+   */
+  goDown(opts: { applyInFlight?: boolean } = {}): void {
     if (!this.isUp) return;
     this.isUp = false;
-    for (const h of [...this.held]) h.reject(new VolumeError('EIO', `replica ${this.id}: connection lost`));
+    for (const h of [...this.held]) {
+      if (opts.applyInFlight) {
+        h.lost = true;
+        h.resolve();
+      } else {
+        h.reject(new VolumeError('EIO', `replica ${this.id}: connection lost`));
+      }
+    }
     this.held.clear();
     this.emit('down');
   }
@@ -146,7 +158,7 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
   // ---- Volume ----
 
   async read(offset: number, buf: Buffer): Promise<void> {
-    await this.enter('read');
+    const t = await this.enter('read');
     try {
       await this.inner.read(offset, buf);
       this.counters.ops.read++;
@@ -154,10 +166,11 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
     } finally {
       this.pending--;
     }
+    this.lostReply(t);
   }
 
   async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
-    await this.enter('write');
+    const t = await this.enter('write');
     try {
       await this.inner.write(offset, buf, opts);
       this.counters.ops.write++;
@@ -165,20 +178,22 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
     } finally {
       this.pending--;
     }
+    this.lostReply(t);
   }
 
   async flush(): Promise<void> {
-    await this.enter('flush');
+    const t = await this.enter('flush');
     try {
       await this.inner.flush();
       this.counters.ops.flush++;
     } finally {
       this.pending--;
     }
+    this.lostReply(t);
   }
 
   async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
-    await this.enter('trim');
+    const t = await this.enter('trim');
     try {
       await this.inner.trim(offset, length, opts);
       this.counters.ops.trim++;
@@ -186,10 +201,11 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
     } finally {
       this.pending--;
     }
+    this.lostReply(t);
   }
 
   async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
-    await this.enter('writeZeroes');
+    const t = await this.enter('writeZeroes');
     try {
       await this.inner.writeZeroes(offset, length, opts);
       this.counters.ops.writeZeroes++;
@@ -197,23 +213,26 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
     } finally {
       this.pending--;
     }
+    this.lostReply(t);
   }
 
   async prefetch(offset: number, length: number): Promise<void> {
-    await this.enter('prefetch');
+    const t = await this.enter('prefetch');
     try {
       await this.inner.prefetch(offset, length);
       this.counters.ops.prefetch++;
     } finally {
       this.pending--;
     }
+    this.lostReply(t);
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    await this.enter('blockStatus');
+    const t = await this.enter('blockStatus');
     try {
       const r = await this.inner.blockStatus(offset, length);
       this.counters.ops.blockStatus++;
+      this.lostReply(t);
       return r;
     } finally {
       this.pending--;
@@ -233,8 +252,13 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
     return this.closedHere;
   }
 
+  private lostReply(t: { lost: boolean }): void {
+    if (t.lost) throw this.fail(new VolumeError('EIO', `replica ${this.id}: connection lost (request done, reply lost)`));
+  }
+
   /** Checks faults and waits for delay/gate; on return `pending` has been incremented. */
-  private async enter(op: MemoryOp): Promise<void> {
+  private async enter(op: MemoryOp): Promise<{ lost: boolean }> {
+    const token = { lost: false };
     if (this.closedHere) throw this.fail(new VolumeError('ESHUTDOWN', `replica ${this.id}: closed`));
     if (!this.isUp) throw this.fail(new VolumeError('ESHUTDOWN', `replica ${this.id} is down`));
     this.pending++;
@@ -251,7 +275,10 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
       const gated = this.gate?.has(op) ?? false;
       if (this.delayMs > 0 || gated) {
         await new Promise<void>((resolve, reject) => {
-          const h: Held = { resolve, reject };
+          const h: Held = { resolve: () => {
+            token.lost = h.lost;
+            resolve();
+          }, reject, lost: false };
           this.held.add(h);
           if (!gated) {
             setTimeout(() => {
@@ -260,12 +287,13 @@ export class FaultyVolume extends EventEmitter implements ReplicaVolume {
             }, this.delayMs);
           }
         });
-        if (!this.isUp) throw new VolumeError('EIO', `replica ${this.id}: connection lost`);
+        if (!this.isUp && !token.lost) throw new VolumeError('EIO', `replica ${this.id}: connection lost`);
       }
     } catch (e) {
       this.pending--;
       throw this.fail(e as VolumeError);
     }
+    return token;
   }
 
   private fail(e: VolumeError): VolumeError {

@@ -119,6 +119,8 @@ export interface ReplicaStateEvent {
 
 interface Sync extends ResyncProgress {
   aborted: boolean;
+  /** Asked to start again while it was stopping: the next one starts when it has ended. */
+  restart: boolean;
   lastDecile: number;
   task: Promise<void>;
 }
@@ -134,6 +136,8 @@ interface Rep {
   /** Rebuilding replicas: regions written since it was added (null: unknown, treat all as written). */
   touched: Set<number> | null;
   removed: boolean;
+  /** 'down' events seen (a request that failed across one may succeed when it is back). */
+  downs: number;
   rebuildTimer: NodeJS.Timeout | null;
   retryTimer: NodeJS.Timeout | null;
   replacing: boolean;
@@ -388,9 +392,12 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
         continue;
       }
       tried.add(r);
+      const downs = r.downs;
       const o = await this.call(r, fn);
       if (o.ok) return o.value;
       last = o.err;
+      // Failed because it went down: it may serve again once back (until the deadline).
+      if ((r.downs !== downs || !r.vol.up) && Date.now() < deadline) tried.delete(r);
       this.log.warn({ replica: r.id, err: o.err.message }, 'read failed on a replica; trying another');
     }
   }
@@ -421,7 +428,9 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
   ): Promise<void> {
     this.checkOpen();
     if (this.caps.readOnly) throw new VolumeError('EROFS', `${this.name} is read-only`);
-    if (this.copying.size > 0) await this.waitCopies(offset, length);
+    // Wait while a copy holds any region of the range; the last check and the registration
+    // below happen in the same turn, so a copy starting later sees this write.
+    for (let held = this.copyHolding(offset, length); held; held = this.copyHolding(offset, length)) await held;
     const me: InFlight = { start: offset, end: offset + length, waiters: null };
     this.inflight.add(me);
     try {
@@ -653,6 +662,7 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
       sync: null,
       touched: state === 'rebuilding' ? null : new Set(), // rebuilding from a record: unknown
       removed: false,
+      downs: 0,
       rebuildTimer: null,
       retryTimer: null,
       replacing: false,
@@ -683,6 +693,7 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
 
   private onDown(r: Rep): void {
     if (this.closed || r.removed) return;
+    r.downs++;
     this.log.warn({ replica: r.id, state: r.state }, 'replica down');
     if (r.sync) r.sync.aborted = true;
     if (r.state === 'in-sync' || r.sync) {
@@ -714,7 +725,12 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
   private kickResyncs(): void {
     if (this.closed || !this.pickSource()) return;
     for (const r of this.reps) {
-      if (r.removed || r.state === 'in-sync' || r.sync || !r.vol.up) continue;
+      // A replica being replaced is not resynced: its DRL slot is about to change hands.
+      if (r.removed || r.replacing || r.state === 'in-sync' || !r.vol.up) continue;
+      if (r.sync) {
+        if (r.sync.aborted) r.sync.restart = true;
+        continue;
+      }
       this.startResync(r);
     }
   }
@@ -723,12 +739,14 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
     if (r.retryTimer) clearTimeout(r.retryTimer);
     r.retryTimer = null;
     const total = this.drl.dirtyBytes(r.id);
-    const sync: Sync = { doneBytes: 0, totalBytes: total, startedAt: Date.now(), aborted: false, lastDecile: 0, task: Promise.resolve() };
+    const sync: Sync = { doneBytes: 0, totalBytes: total, startedAt: Date.now(), aborted: false, restart: false, lastDecile: 0, task: Promise.resolve() };
     r.sync = sync;
     const kind = r.state === 'rebuilding' ? 'rebuild' : 'resync';
     this.log.info({ replica: r.id, totalBytes: total }, `${kind} started`);
     sync.task = this.runResync(r, sync, kind).finally(() => {
-      if (r.sync === sync) r.sync = null;
+      if (r.sync !== sync) return;
+      r.sync = null;
+      if (sync.restart) this.kickResyncs();
     });
   }
 
@@ -746,6 +764,7 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
           this.log.info({ replica: r.id, copiedBytes: sync.doneBytes, ms: Date.now() - sync.startedAt }, `${kind} finished; replica in sync`);
           this.persistInBackground();
           this.wake();
+          this.kickResyncs(); // it may be the source others were waiting for
           return;
         }
         let next = 0;
@@ -755,7 +774,18 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
             await this.copyRegion(r, regions[next++]!, sync);
           }
         };
-        await Promise.all(Array.from({ length: Math.min(this.resyncConcurrency, regions.length) }, worker));
+        // On the first failure the other workers stop after their current region; the pass
+        // ends only when all have (no copy outlives its resync).
+        const results = await Promise.allSettled(
+          Array.from({ length: Math.min(this.resyncConcurrency, regions.length) }, () =>
+            worker().catch((e: unknown) => {
+              sync.aborted = true;
+              throw e;
+            }),
+          ),
+        );
+        const failed = results.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+        if (failed) throw failed.reason;
       }
     } catch (e) {
       // Writes it took during the resync and has not flushed were not marked: mark them now,
@@ -843,16 +873,16 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
     };
   }
 
-  /** Guest write side of the region lock: waits while a copy holds any region of the range. */
-  private async waitCopies(offset: number, length: number): Promise<void> {
+  /** Guest write side of the region lock: the copy holding a region of the range, if any. */
+  private copyHolding(offset: number, length: number): Promise<void> | undefined {
+    if (this.copying.size === 0) return undefined;
     const first = Math.floor(offset / this.regionSize);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / this.regionSize);
-    for (;;) {
-      let held: Promise<void> | undefined;
-      for (let k = first; k <= last && !held; k++) held = this.copying.get(k);
-      if (!held) return;
-      await held;
+    for (let k = first; k <= last; k++) {
+      const held = this.copying.get(k);
+      if (held) return held;
     }
+    return undefined;
   }
 
   // ---- rebuild ----
@@ -868,13 +898,19 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
     } catch (e) {
       old.replacing = false;
       this.log.error({ replica: old.id, err: (e as Error).message }, 'no replacement replica; will try again');
-      this.armRebuild(old);
+      if (!old.vol.up) this.armRebuild(old);
+      this.kickResyncs();
       return;
     }
     try {
       if (this.closed) throw new VolumeError('ESHUTDOWN', 'closed');
       if (fresh.size !== this.size) throw new VolumeError('EINVAL', `replacement ${fresh.id} has size ${fresh.size}, not ${this.size}`);
       if (this.reps.some((x) => x.id === fresh.id)) throw new VolumeError('EEXIST', `replacement ${fresh.id} is already a replica`);
+      // A resync of the old replica still stopping must not clear bits of the slot any more.
+      if (old.sync) {
+        old.sync.aborted = true;
+        await old.sync.task;
+      }
       // All dirty first, then the new id: a crash between leaves the slot all dirty.
       await this.drl.setAll(old.id);
       await this.drl.rename(old.id, fresh.id);
@@ -882,7 +918,8 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
       old.replacing = false;
       this.log.error({ replica: old.id, err: (e as Error).message }, 'replacing the replica failed; will try again');
       await fresh.close().catch(() => {});
-      if (!this.closed) this.armRebuild(old);
+      if (!this.closed && !old.vol.up) this.armRebuild(old);
+      this.kickResyncs();
       return;
     }
     old.removed = true;

@@ -89,6 +89,18 @@ describe('DirtyRegionLog', () => {
     await again.close();
   });
 
+  it('two renames at once both land (each computed from the ids of its turn)', async () => {
+    const f = file();
+    const log = await DirtyRegionLog.open(f, { size: SIZE, replicaIds: ['a', 'b', 'c'] });
+    await Promise.all([log.rename('b', 'b2'), log.rename('c', 'c2')]);
+    expect(log.replicaIds).toEqual(['a', 'b2', 'c2']);
+    await log.close();
+    const again = await DirtyRegionLog.open(f, { size: SIZE, replicaIds: ['a', 'b2', 'c2'] });
+    expect(again.replicaIds).toEqual(['a', 'b2', 'c2']);
+    expect(again.count('b2')).toBe(0); // known ids: no slot was taken over
+    await again.close();
+  });
+
   it('a replica id the file does not know takes a stale slot, all dirty', async () => {
     const f = file();
     const log = await DirtyRegionLog.open(f, { size: SIZE, replicaIds: ['a', 'b'] });

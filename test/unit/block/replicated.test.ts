@@ -522,6 +522,52 @@ describe('ReplicatedVolume: rebuild', () => {
   });
 });
 
+describe('ReplicatedVolume: rebuild races', () => {
+  it('an old replica that comes back while its replacement is being made does not clear the new slot', async () => {
+    let give!: (v: ReplicaVolume) => void;
+    const c = new FaultyVolume({ id: 'c', size: SIZE });
+    const { vol, reps, drl } = await setup({
+      rebuildAfterMs: 20,
+      replaceReplica: () => new Promise<ReplicaVolume>((r) => (give = r)),
+    });
+    for (let k = 0; k < 6; k++) await vol.write(k * RS, patterned(RS, k + 1));
+    await vol.flush();
+    reps.b!.goDown();
+    await vol.write(0, Buffer.alloc(10, 9));
+    await until(() => give !== undefined);
+    reps.b!.comeUp(); // back while the replacement is on its way: not resynced any more
+    await sleep(30);
+    expect(vol.status()[1]).toMatchObject({ id: 'b', resync: null });
+    give(c);
+    await until(() => stateOf(vol, 'c') === 'in-sync');
+    expect(drl.replicaIds).toEqual(['a', 'c']);
+    expect(c.counters.bytesWritten).toBe(6 * RS);
+    await expectIdentical(reps.a!, c);
+    await vol.close();
+  });
+
+  it('a failed replaceReplica is tried again later; a replica back meanwhile is resynced instead', async () => {
+    let calls = 0;
+    const { vol, reps } = await setup({
+      rebuildAfterMs: 20,
+      replaceReplica: async () => {
+        calls++;
+        throw new Error('no node with space');
+      },
+    });
+    reps.b!.goDown();
+    await vol.write(RS, Buffer.alloc(10, 9));
+    await until(() => calls >= 2);
+    reps.b!.comeUp();
+    await until(() => stateOf(vol, 'b') === 'in-sync');
+    const n = calls;
+    await sleep(50);
+    expect(calls).toBe(n);
+    await expectIdentical(reps.a!, reps.b!);
+    await vol.close();
+  });
+});
+
 // Type-level: FaultyVolume is a ReplicaVolume.
 const _check: ReplicaVolume = new FaultyVolume({ id: 'x', size: 512 });
 void _check;
