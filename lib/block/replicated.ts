@@ -33,11 +33,17 @@
  * Guest writes to other regions run concurrently and also go to the resyncing replica. When its
  * bitmap is empty the replica is in sync again (persisted).
  *
+ * A replica demoted while it stays up (it failed a write or a flush) is resynced after
+ * `resyncRetryMs`; a resync that fails (source or target error) is retried the same way; a replica
+ * that went down is resynced as soon as it is 'up' again and an in-sync replica is reachable.
+ *
  * Rebuild: a replica that is not in sync and down for `rebuildAfterMs` is replaced through
  * `replaceReplica()`: its DRL slot is set all dirty, then renamed to the new replica's id, the new
  * replica ('rebuilding') takes the old one's place and is filled like a resync, except that
  * regions the source reports as holes/zeroes are skipped while the new replica has not been
- * written there (it starts empty).
+ * written there (it starts empty). An in-sync replica is never replaced (with the others out of
+ * sync it holds the only complete copy). Once replaceReplica() was called, the old replica is not
+ * resynced even if it comes back: its DRL slot is about to belong to the new one.
  *
  * No in-sync replica up: reads, writes and flushes wait (at most `maxWaiting` of them, beyond
  * that they fail at once with EIO; the front ends above bound their own in-flight requests, so
@@ -545,6 +551,7 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
     const drop = (): void => void this.demotionMarks.delete(all);
     all.then(drop, drop);
     if (r.state !== 'in-sync' && r.vol.up && !r.sync) this.armRetry(r);
+    if (r.state !== 'in-sync' && !r.vol.up) this.armRebuild(r);
     return all;
   }
 

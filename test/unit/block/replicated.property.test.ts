@@ -4,6 +4,9 @@
  * replacements. The volume is used as the front ends use it (OrderedVolume above), so each read
  * must return the model of the writes issued before it; at the end, with every replica back and
  * resynced, every replica must equal that model byte for byte.
+ *
+ * Replaying: PROP_SEED=<seed> PROP_PATH=<path> (from a failure report) PROP_RUNS=1; PROP_DEBUG=1
+ * stops at the first failure without shrinking; PROP_LOG=1 logs the layer at debug level.
  */
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
@@ -202,7 +205,7 @@ describe('ReplicatedVolume (property)', () => {
         fc.array(cmd, { minLength: 5, maxLength: 60 }),
         async (n, rebuild, delays, cmds) => runScenario(n, rebuild, delays, cmds),
       ),
-      { numRuns: Number(process.env.PROP_RUNS ?? 60), endOnFailure: process.env.PROP_DEBUG === "1", ...(process.env.PROP_SEED ? { seed: Number(process.env.PROP_SEED), path: process.env.PROP_PATH } : {}) },
+      { numRuns: Number(process.env.PROP_RUNS ?? 200), endOnFailure: process.env.PROP_DEBUG === "1", ...(process.env.PROP_SEED ? { seed: Number(process.env.PROP_SEED), path: process.env.PROP_PATH } : {}) },
     );
   });
 });

@@ -546,6 +546,21 @@ describe('ReplicatedVolume: rebuild races', () => {
     await vol.close();
   });
 
+  it('a replica down from the start is demoted by the first write and replaced after rebuildAfterMs', async () => {
+    const a = new FaultyVolume({ id: 'a', size: SIZE });
+    const b = new FaultyVolume({ id: 'b', size: SIZE, down: true });
+    const c = new FaultyVolume({ id: 'c', size: SIZE });
+    const { vol } = await setup({ replicas: [a, b], rebuildAfterMs: 20, replaceReplica: async () => c });
+    await sleep(40); // b is in sync on record: not replaced
+    expect(vol.status().map((s) => s.id)).toEqual(['a', 'b']);
+    await vol.write(3 * RS, patterned(100, 1)); // b fails it (ESHUTDOWN): out of sync
+    expect(stateOf(vol, 'b')).toBe('out-of-sync');
+    await until(() => stateOf(vol, 'c') === 'in-sync');
+    expect(vol.status().map((s) => s.id)).toEqual(['a', 'c']);
+    await expectIdentical(a, c);
+    await vol.close();
+  });
+
   it('a failed replaceReplica is tried again later; a replica back meanwhile is resynced instead', async () => {
     let calls = 0;
     const { vol, reps } = await setup({
