@@ -460,9 +460,14 @@ export class NbdClientConnection extends EventEmitter {
       this.inflight.set(handle, req);
       const s = this.socket;
       if (!this.corked) {
+        // Requests sent during this turn of the event loop leave in one writev, after every
+        // socket that was readable in this turn has been handled (setImmediate runs after the
+        // poll phase): a proxy (the daemon) turns N guest requests read from several sockets
+        // into one syscall per node connection instead of one each. Measured in
+        // bench/RESULTS-replicated.md.
         this.corked = true;
         s.cork();
-        process.nextTick(this.uncork);
+        setImmediate(this.uncork);
       }
       s.write(codec.encodeRequest({ type, flags, handleHi: 0, handleLo: handle, offset, length }));
       if (type === C.NBD_CMD_WRITE && length > 0) s.write(buf!);
