@@ -180,7 +180,7 @@ describe('any NBD server as a storage node', () => {
     const { spawnProc } = await import('../helpers/cluster.js');
     const { existsSync } = await import('node:fs');
     const nbdkit = await spawnProc('nbdkit', ['--foreground', '--unix', sockA, '--exportname', 'vm1-disk0', 'file', imgA], () => existsSync(sockA));
-    const qnbd = await spawnProc('qemu-nbd', ['-f', 'raw', '--cache=none', '--aio=threads', '-x', 'vm1-disk0', '-k', sockB, '--shared=4', imgB], () => existsSync(sockB));
+    const qnbd = await spawnProc('qemu-nbd', ['-f', 'raw', '-t', '--cache=none', '--aio=threads', '-x', 'vm1-disk0', '-k', sockB, '--shared=4', imgB], () => existsSync(sockB));
     let daemon: DaemonProc | undefined;
     try {
       await vstore(['node', 'add', 'kit', '--nbd', `unix:${sockA}`]);
