@@ -300,7 +300,9 @@ export class VmRegistry {
         throw new RegistryError(400, `${field('vhostUser')}: this daemon cannot serve vhost-user-blk`);
       }
       if (config.nbd) {
-        const server = this.deps.createServer({ logger });
+        // A remote volume's block status is a round trip to a node: a read would wait for two
+        // (status, then data) to save sending zeroes over a local socket. Reads are sent as data.
+        const server = this.deps.createServer({ logger, ...(config.volume ? { sparseReadThreshold: Number.POSITIVE_INFINITY } : {}) });
         disk.server = server;
         server.addExport({ name: config.nbd.export, volume: front, readOnly: config.readOnly, description: `${vm.name}/${config.name}` });
         await prepareSocket(config.nbd.socket, field('nbd.socket'));
