@@ -28,7 +28,7 @@ const ANCHORS = (args.anchors ?? 'nbdkit,qemu-nbd').split(',').filter(Boolean);
 const REFERENCE = (args.reference ?? '').split(',').filter(Boolean);
 const TITLE = args.title ?? 'NBD over a unix socket, fio nbd engine, 1 connection (higher is better)';
 const COLOR = {
-  vstore: '#2f6fdf', nbdkit: '#7a8696', 'qemu-nbd': '#c98b2b', replicated: '#2f6fdf', 'one-node': '#7a8696',
+  vstore: '#2f6fdf', nbdkit: '#7a8696', 'qemu-nbd': '#c98b2b', replicated: '#2f6fdf', single: '#7fa7ef', 'one-node': '#7a8696',
   'vstore-vhost': '#2f6fdf', 'qsd-vhost': '#c98b2b', 'vstore-nbd': '#7fa7ef', 'null-vhost': '#b8bec6',
 };
 // Key of a ratio in results.json: vsNbdkit, vsQemuNbd, vsQsdVhost, ...

@@ -3,7 +3,9 @@
 # node. On loopback (unix sockets), this machine: `vstore resolver serve`, two `vstore node`
 # processes and `vstore serve` with one disk on a 2-replica volume. Subjects:
 #   replicated  fio -> daemon's NBD export -> ReplicatedVolume -> NBD clients -> node1 + node2
-#   one-node    fio -> node1's NBD export of the same volume (no daemon, no second copy)
+#   single      fio -> daemon's NBD export of a 1-replica volume -> NBD client -> one node
+#               (the daemon's hop alone, without the second copy)
+#   one-node    fio -> node1's NBD export of the replicated volume (no daemon, no second copy)
 # Goals (issue 3): >= 0.9x for reads, >= 0.8x for replicated writes. The two subjects alternate
 # inside every workload and round; quote the ratios, not the absolute numbers.
 #
@@ -46,9 +48,11 @@ echo "bench: starting a resolver service, two storage nodes and the daemon in $W
 $VSTORE resolver serve --store "$WORK/resolver.json" --listen "unix:$WORK/resolver.sock" --log-level warn >"$WORK/resolver.log" 2>&1 &
 PIDS+=($!)
 wait_for "test -S $WORK/resolver.sock" resolver
+NODE_PIDS=()
 for n in node1 node2; do
   $VSTORE node --data "$WORK/$n" --id "$n" --listen "unix:$WORK/$n.sock" --resolver "unix:$WORK/resolver.sock" --log-level warn >"$WORK/$n.log" 2>&1 &
   PIDS+=($!)
+  NODE_PIDS+=($!)
   wait_for "test -S $WORK/$n.sock" "$n"
 done
 cat >"$WORK/config.yaml" <<YAML
@@ -60,17 +64,22 @@ vms:
   - name: bench
     disks:
       - { name: disk0, volume: { size: ${SIZE_MIB}M, replicas: 2 } }
+      - { name: disk1, volume: { size: ${SIZE_MIB}M, replicas: 1 } }
 YAML
 $VSTORE serve -c "$WORK/config.yaml" >"$WORK/daemon.log" 2>&1 &
 PIDS+=($!)
+DAEMON_PID=$!
 DAEMON_URI="nbd+unix:///?socket=$WORK/run/bench-disk0.sock"
+SINGLE_URI="nbd+unix:///?socket=$WORK/run/bench-disk1.sock"
 NODE_URI="nbd+unix:///bench/disk0?socket=$WORK/node1.sock"
 wait_for "nbdinfo --size '$DAEMON_URI'" daemon
 
 # Fill the volume through the daemon (both replicas hold data: reads hit data, not holes).
 echo "bench: writing ${SIZE_MIB} MiB through the daemon" >&2
-fio --name=prep --ioengine=nbd --uri="$DAEMON_URI" --rw=write --bs=1M --iodepth=8 --size="${SIZE_MIB}M" \
-    --refill_buffers --output=/dev/null >/dev/null
+for u in "$DAEMON_URI" "$SINGLE_URI"; do
+  fio --name=prep --ioengine=nbd --uri="$u" --rw=write --bs=1M --iodepth=8 --size="${SIZE_MIB}M" \
+      --refill_buffers --output=/dev/null >/dev/null
+done
 
 workload_args() {
   case "$1" in
@@ -80,31 +89,62 @@ workload_args() {
     *) echo "bench: unknown workload $1" >&2; exit 1 ;;
   esac
 }
-uri_of() { if [ "$1" = replicated ]; then echo "$DAEMON_URI"; else echo "$NODE_URI"; fi; }
+# CPU time (clock ticks) the vstore processes (daemon + both nodes) have used so far.
+cpu_ticks() {
+  local t=0 p
+  for p in "$DAEMON_PID" "${NODE_PIDS[@]}"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done
+  echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+: >"$OUT/cpu.tsv"
+uri_of() { case "$1" in replicated) echo "$DAEMON_URI" ;; single) echo "$SINGLE_URI" ;; *) echo "$NODE_URI" ;; esac; }
 
 read -r -a WL <<<"$WORKLOADS"
-SUBJ=(replicated one-node)
+SUBJ=(replicated single one-node)
 total=$(( ${#SUBJ[@]} * ${#WL[@]} * ROUNDS ))
 i=0
 t0=$(date +%s)
 for w in "${WL[@]}"; do
   for r in $(seq 1 "$ROUNDS"); do
-    order=("${SUBJ[@]:$(( (r - 1) % 2 ))}" "${SUBJ[@]:0:$(( (r - 1) % 2 ))}")
+    order=("${SUBJ[@]:$(( (r - 1) % 3 ))}" "${SUBJ[@]:0:$(( (r - 1) % 3 ))}")
     for s in "${order[@]}"; do
       i=$((i + 1))
       printf 'bench: [%d/%d] %-9s %-10s round %d  (%ds elapsed, ~%ds left)\n' "$i" "$total" "$w" "$s" "$r" \
         $(( $(date +%s) - t0 )) $(( (total - i + 1) * (RUNTIME + RAMP + 1) )) >&2
+      c0=$(cpu_ticks)
       # shellcheck disable=SC2046
       fio --name="$w" --ioengine=nbd --uri="$(uri_of "$s")" $(workload_args "$w") \
           --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
           --numjobs=1 --norandommap --randrepeat=0 --output-format=json \
           --output="$OUT/raw/$w.$s.$r.json" >/dev/null 2>"$WORK/fio.err" \
         || { echo "bench: fio failed for $s/$w:" >&2; cat "$WORK/fio.err" >&2; exit 1; }
+      printf '%s\t%s\t%s\t%s\n' "$w" "$s" "$r" "$(( $(cpu_ticks) - c0 ))" >>"$OUT/cpu.tsv"
     done
   done
 done
 
 node "$ROOT/bench/chart.mjs" --raw "$OUT/raw" --json "$OUT/results.json" --svg "$SVG" \
-  --servers replicated,one-node --subject replicated --anchors one-node \
+  --servers replicated,single,one-node --subject replicated --anchors one-node \
   --title 'Replicated volume (2 replicas) through the daemon vs one node directly, fio nbd engine (higher is better)' \
   --runtime "$RUNTIME" --rounds "$ROUNDS" --size-mib "$SIZE_MIB"
+
+# CPU cost: vstore CPU (daemon + nodes) per I/O over the whole run (ramp included: fio's own
+# I/O count covers the measured part only, so this slightly overstates both subjects alike).
+node - "$OUT" "$HZ" "$RUNTIME" "$RAMP" <<'JS'
+const [out, hz, runtime, ramp] = process.argv.slice(2);
+const fs = require('node:fs');
+const rows = fs.readFileSync(`${out}/cpu.tsv`, 'utf8').trim().split('\n').map((l) => l.split('\t'));
+const acc = {};
+for (const [w, s, r, ticks] of rows) {
+  const doc = JSON.parse(fs.readFileSync(`${out}/raw/${w}.${s}.${r}.json`, 'utf8').replace(/^[^{]*/, ''));
+  const side = w.includes('write') ? doc.jobs[0].write : doc.jobs[0].read;
+  const ios = side.total_ios * (Number(runtime) + Number(ramp)) / Number(runtime);
+  (acc[`${w} ${s}`] ??= []).push((Number(ticks) / Number(hz)) * 1e6 / ios);
+}
+console.log('\n| workload | subject | vstore CPU µs per I/O (daemon + nodes, median) |\n|---|---|---|');
+for (const [k, v] of Object.entries(acc)) {
+  v.sort((a, b) => a - b);
+  const [w, s] = k.split(' ');
+  console.log(`| ${w} | ${s} | ${v[Math.floor(v.length / 2)].toFixed(1)} |`);
+}
+JS
