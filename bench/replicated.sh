@@ -7,7 +7,7 @@
 #               (the daemon's hop alone, without the second copy)
 #   one-node    fio -> node1's NBD export of the replicated volume (no daemon, no second copy)
 # Goals (issue 3): >= 0.9x for reads, >= 0.8x for replicated writes. The two subjects alternate
-# inside every workload and round; quote the ratios, not the absolute numbers.
+# inside every workload and round (three subjects); quote the ratios, not the absolute numbers.
 #
 #   bash bench/replicated.sh                         # 8 s per run, 1 round
 #   RUNTIME=5 ROUNDS=3 bash bench/replicated.sh

@@ -34,6 +34,11 @@ export class RpcError extends Error {
 export interface RpcContext {
   /** Address of the caller, for logs. */
   peer: string;
+  /**
+   * The connection the call came on (unique in this server's lifetime): services that keep state
+   * per connection (the node's directory sessions) key it by this and drop it in `onDisconnect`.
+   */
+  conn: number;
 }
 
 export type RpcHandler = (params: any, ctx: RpcContext) => unknown;
@@ -94,6 +99,14 @@ export interface RpcServerOptions {
   handlers: RpcHandlers;
   logger: Logger;
   maxFrame?: number;
+  /** Called once when a connection ends (after its in-flight handlers were started). */
+  onDisconnect?: (ctx: RpcContext) => void;
+  /**
+   * Requests of one connection being handled at once; when reached, the server stops reading that
+   * socket until one completes (TCP backpressure reaches the client). Frames already in the chunk
+   * being parsed still start, so the bound is this plus one read's worth. Default 256.
+   */
+  maxInFlight?: number;
 }
 
 /** Serves `handlers` on any number of listen addresses. */
@@ -101,9 +114,12 @@ export class RpcServer {
   private readonly servers: { server: net.Server; addr: SocketAddress }[] = [];
   private readonly sockets = new Set<net.Socket>();
   private readonly maxFrame: number;
+  private readonly maxInFlight: number;
+  private nextConn = 1;
 
   constructor(private readonly opts: RpcServerOptions) {
     this.maxFrame = opts.maxFrame ?? DEFAULT_MAX_FRAME;
+    this.maxInFlight = opts.maxInFlight ?? 256;
   }
 
   /** Listens on `address` (see lib/net/address.ts); returns the bound address (the port chosen for :0). */
@@ -137,6 +153,11 @@ export class RpcServer {
     this.sockets.add(sock);
     sock.setNoDelay(true);
     const peer = sock.remoteAddress ? `${sock.remoteAddress}:${sock.remotePort}` : 'unix';
+    const ctx: RpcContext = { peer, conn: this.nextConn++ };
+    let inFlight = 0;
+    const done = (): void => {
+      if (--inFlight < this.maxInFlight && sock.isPaused() && !sock.destroyed) sock.resume();
+    };
     const reader = new FrameReader(this.maxFrame, (obj) => {
       if (!isObj(obj) || typeof obj.i !== 'number' || typeof obj.m !== 'string') {
         throw new RpcError('EPROTO', 'frame is not a request');
@@ -147,12 +168,14 @@ export class RpcServer {
         this.reply(sock, { i: id, e: { code: 'ENOSYS', message: `unknown method ${obj.m}` } });
         return;
       }
+      if (++inFlight >= this.maxInFlight) sock.pause();
       Promise.resolve()
-        .then(() => h(obj.p, { peer }))
+        .then(() => h(obj.p, ctx))
         .then(
           (r) => this.reply(sock, { i: id, r: r ?? null }),
           (e: unknown) => this.reply(sock, { i: id, e: { code: errorCode(e), message: (e as Error)?.message ?? String(e) } }),
-        );
+        )
+        .finally(done);
     });
     sock.on('data', (b: Buffer) => {
       try {
@@ -163,7 +186,14 @@ export class RpcServer {
       }
     });
     sock.on('error', () => {});
-    sock.on('close', () => this.sockets.delete(sock));
+    sock.on('close', () => {
+      this.sockets.delete(sock);
+      try {
+        this.opts.onDisconnect?.(ctx);
+      } catch (e) {
+        this.opts.logger.warn({ peer, err: (e as Error).message }, 'rpc: disconnect hook failed');
+      }
+    });
   }
 
   private reply(sock: net.Socket, msg: unknown): void {
