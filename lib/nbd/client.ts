@@ -186,6 +186,8 @@ export interface NbdClientOptions {
   structuredReplies?: boolean;
   /** Ask for the base:allocation meta context (default true; needs structured replies). */
   blockStatus?: boolean;
+  /** TCP only: the local address to bind (multipath over several source addresses / NICs). */
+  localAddress?: string;
 }
 
 /** What the handshake established. */
@@ -867,7 +869,8 @@ class Handshake {
   private connect(): Promise<void> {
     return new Promise((resolve, reject) => {
       const t = this.target;
-      const s = 'unix' in t ? net.connect({ path: t.unix }) : net.connect({ host: t.host, port: t.port });
+      const la = this.opts.localAddress;
+      const s = 'unix' in t ? net.connect({ path: t.unix }) : net.connect({ host: t.host, port: t.port, ...(la ? { localAddress: la } : {}) });
       this.socket = s;
       if (!('unix' in t)) s.setNoDelay(true);
       const onErr = (e: NodeJS.ErrnoException): void => {
