@@ -2,16 +2,46 @@
  * RemoteVolume: a Volume served by an NBD server elsewhere (a storage node, qemu-nbd, nbdkit),
  * through one or more NbdClientConnections. The replicated layer holds one per replica.
  *
+ * Multipath (lib/paths): the node is reached over several paths (its NBD addresses × local
+ * source addresses), whose health is shared by every volume on that node (NodePaths). There is
+ * one connection per path (more, spread over the paths, when `connections` asks for more), and
+ * a request goes to the path the node's selector picks (per-VM home path, priority, round-robin
+ * / least-pending / service-time), then to the least busy connection on it.
+ *
+ * Failover: a request whose connection breaks (server gone, socket error, no reply within the
+ * path's request timeout) is retried on another path of the same node, and only when every path
+ * was tried does it fail (EIO) — then the replicated layer above demotes the replica as before.
+ * An error the node answered (ENOSPC, EIO from its disk...) is not a path's fault: no retry.
+ *
+ * Why a retried write cannot land after a later overlapping write. NBD writes, trims and zeroes
+ * are idempotent, so sending one twice is harmless by itself; the danger is the first copy
+ * landing late, after a newer write to the same bytes. (1) Nothing newer is sent meanwhile:
+ * OrderedVolume above (the daemon's export) holds every overlapping request until this one
+ * completed — and it completes only after the retry succeeded (checked in lib/block/ordering.ts:
+ * write-like operations wait for every earlier unfinished overlapping operation). (2) The first
+ * copy is never sent again: the connection is destroyed before its requests are rejected (the
+ * client's fail() destroys the socket first), so the kernel drops what it had not sent and never
+ * retransmits. (3) A copy the node already received is in the node's own OrderedVolume (shared
+ * by all its connections) before the retry arrives, so the retry, and every later overlapping
+ * write, waits for it there. The remaining window is a first copy sitting unread in the node's
+ * socket buffer for longer than the request timeout (a node stalled that long) while the retry
+ * arrives on another path: the node's export ordering cannot see it yet. The timeout (seconds)
+ * against a read latency of microseconds keeps that window theoretical; a node-side fence (the
+ * node dropping a dead connection's requests) would close it.
+ *
+ * Without CAN_MULTI_CONN the server promises nothing across connections, so the paths are used
+ * active/passive: every request goes to one path until it fails.
+ *
  * - `open()` must reach the server once: size, limits and caps come from that first handshake.
- * - With CAN_MULTI_CONN, up to `connections` connections; a request goes to the one with the
- *   fewest pending requests.
  * - `up` is true while at least one connection is established. While it is false every new
  *   request fails at once with ESHUTDOWN (nothing is queued: the layer above decides whether to
- *   wait or to go degraded). Requests in flight on a connection that breaks fail with EIO.
+ *   wait or to go degraded).
  * - A broken connection is re-established in the background with exponential backoff until
  *   close(); a server that comes back with another size, or with fewer capabilities than the
  *   volume advertised, is logged and treated as still down. 'down' is emitted when the last
- *   connection breaks (once per outage), 'up' when one is back.
+ *   connection breaks (once per outage), 'up' when one is back. When the node's paths mark a
+ *   path down (probes), this volume's connections on it are dropped, so that requests stuck on a
+ *   blackholed path are retried elsewhere without waiting for their timeout.
  * - Requests larger than the server accepts are split; writeZeroes is emulated by writes of
  *   zeroes when the server lacks WRITE_ZEROES; FUA is emulated by a flush when the server lacks
  *   SEND_FUA; unaligned requests on a server with a minimum block size are read-modify-written.
@@ -22,6 +52,10 @@ import type { BlockLimits, Extent, Volume, VolumeCapabilities, WriteOptions, Zer
 import type { Logger } from '../log.js';
 import * as C from '../nbd/constants.js';
 import { NbdClientConnection, parseNbdUri } from '../nbd/client.js';
+import { NodePaths } from '../paths/node-paths.js';
+import type { Path, PathChangeEvent, RequestKind } from '../paths/index.js';
+import { DEFAULT_PATH_POLICY, pathPolicy } from '../paths/policy.js';
+import type { Cursor } from '../paths/select.js';
 
 export interface RemoteVolumeOptions {
   /** Replica id for logs and events, e.g. the node id. */
@@ -40,6 +74,12 @@ export interface RemoteVolumeOptions {
   reconnect?: { initialMs?: number; maxMs?: number };
   /** Requests on the wire per connection (default 64). */
   maxInflightPerConnection?: number;
+  /** The node's paths, shared with the daemon's other volumes on it; default: built from `addresses` with the default policy. */
+  paths?: NodePaths;
+  /** The VM this volume serves: it gets a home path (affinity) on the node. */
+  vm?: string;
+  /** High-priority VMs take the least-loaded path instead of their home. */
+  priority?: 'normal' | 'high';
   logger: Logger;
 }
 
@@ -63,6 +103,7 @@ const BIG_OP = 1 << 30;
 
 interface Slot {
   index: number;
+  path: Path;
   conn: NbdClientConnection | null;
   connecting: boolean;
   timer: NodeJS.Timeout | null;
@@ -85,8 +126,21 @@ export class RemoteVolume extends EventEmitter implements Volume {
   private zeroBuf: Buffer | null = null;
   /** Serializes read-modify-write of partial blocks (only with a minimum block size > 1). */
   private rmwTail: Promise<void> = Promise.resolve();
+  readonly nodePaths: NodePaths;
+  private readonly home: Path | undefined;
+  private readonly high: boolean;
+  private readonly cursor: Cursor = { next: 0 };
+  /** Without multi-conn: the one path in use (active/passive). */
+  private active: Slot | null = null;
+  /** Requests retried on another path after their path failed. */
+  failovers = 0;
+  private keepalive: NodeJS.Timeout | null = null;
+  private readonly onPathChange = (e: PathChangeEvent): void => {
+    if (e.path.state !== 'down') return;
+    for (const s of this.slots) if (s.path.id === e.path.id && s.conn) s.conn.destroy(`path ${e.path.id} is down: ${e.path.reason ?? ''}`);
+  };
 
-  private constructor(private readonly opts: RemoteVolumeOptions, first: NbdClientConnection, log: Logger) {
+  private constructor(private readonly opts: RemoteVolumeOptions, paths: NodePaths, first: NbdClientConnection, firstPath: Path, log: Logger) {
     super();
     this.id = opts.id;
     this.log = log;
@@ -115,9 +169,46 @@ export class RemoteVolume extends EventEmitter implements Volume {
     });
     this.initialMs = opts.reconnect?.initialMs ?? 100;
     this.maxMs = Math.max(this.initialMs, opts.reconnect?.maxMs ?? 5000);
-    const n = this.caps.multiConn ? Math.max(1, Math.floor(opts.connections ?? 1)) : 1;
-    this.slots = Array.from({ length: n }, (_, index) => ({ index, conn: null, connecting: false, timer: null, backoff: this.initialMs }));
+    this.nodePaths = paths;
+    const ps = paths.paths;
+    // One connection per path at least; more (multi-conn only) spread over the paths, the first
+    // on the path that answered the first handshake.
+    const n = this.caps.multiConn ? Math.max(ps.length, Math.floor(opts.connections ?? 1)) : ps.length;
+    const at = ps.indexOf(firstPath);
+    this.slots = Array.from({ length: n }, (_, index) => ({
+      index, path: ps[(at + index) % ps.length]!, conn: null, connecting: false, timer: null, backoff: this.initialMs,
+    }));
+    this.home = opts.vm !== undefined ? paths.assignHome(opts.vm) : undefined;
+    this.high = opts.priority === 'high';
+    paths.acquire();
+    paths.on('change', this.onPathChange);
     this.attach(this.slots[0]!, first);
+    const every = paths.policy.healthIntervalMs;
+    if (every > 0) {
+      this.keepalive = setInterval(() => this.keepaliveReads(), every);
+      this.keepalive.unref();
+    }
+  }
+
+  /**
+   * The NOP-like health check of up paths: a small read on every idle connection. A path that
+   * swallows requests (blackholed, the connection still open) fails it by the request timeout,
+   * which breaks the connection and takes the path down before a guest request is stuck there.
+   */
+  private keepaliveReads(): void {
+    const len = Math.min(this.size, this.limits.minimum > 1 ? this.limits.minimum : 512);
+    if (len === 0) return;
+    for (const s of this.slots) {
+      const c = s.conn;
+      if (!c || !c.ready || c.pending > 0) continue;
+      const path = s.path;
+      const t0 = performance.now();
+      path.begin();
+      c.read(0, Buffer.allocUnsafe(len)).then(
+        () => path.succeeded(performance.now() - t0, 'other', 0),
+        (e: unknown) => path.failed(!c.ready, (e as Error).message),
+      );
+    }
   }
 
   /** Connects (the first connection must succeed) and opens the other connections of multi-conn. */
@@ -135,10 +226,12 @@ export class RemoteVolume extends EventEmitter implements Volume {
       }
     }
     const log = opts.logger.child({ replica: opts.id, export: opts.export });
-    const first = await connectAny(opts, log);
-    const vol = new RemoteVolume(opts, first, log);
+    // Alone (no daemon table): no probes or keepalives, failures are seen by requests.
+    const paths = opts.paths ?? new NodePaths({ node: opts.id, addresses: opts.addresses, policy: pathPolicy({ healthIntervalMs: 0 }), logger: log });
+    const { conn, path } = await connectAny(opts, paths, log);
+    const vol = new RemoteVolume(opts, paths, conn, path, log);
     await Promise.all(vol.slots.slice(1).map((s) => vol.reconnectNow(s)));
-    log.info({ size: vol.size, caps: vol.caps, limits: vol.limits, connections: vol.connectionCount }, 'remote: open');
+    log.info({ size: vol.size, caps: vol.caps, limits: vol.limits, connections: vol.connectionCount, paths: paths.paths.map((p) => p.id), home: vol.home?.id }, 'remote: open');
     return vol;
   }
 
@@ -157,11 +250,13 @@ export class RemoteVolume extends EventEmitter implements Volume {
   private attach(slot: Slot, conn: NbdClientConnection): void {
     slot.conn = conn;
     slot.backoff = this.initialMs;
-    conn.once('close', (reason: string) => {
+    slot.path.healthy();
+    conn.once('close', (reason: string, error: boolean) => {
       if (slot.conn !== conn) return;
       slot.conn = null;
       if (this.closed) return;
-      this.log.warn({ slot: slot.index, reason }, 'remote: connection lost');
+      if (error) slot.path.connectionLost(reason);
+      this.log.warn({ slot: slot.index, path: slot.path.id, reason }, 'remote: connection lost');
       if (!this.up && this.wasUp) {
         this.wasUp = false;
         this.emit('down', { id: this.id, reason } satisfies RemoteDownEvent);
@@ -192,9 +287,10 @@ export class RemoteVolume extends EventEmitter implements Volume {
     slot.connecting = true;
     let conn: NbdClientConnection | null = null;
     try {
-      conn = await connectAny(this.opts, this.log);
+      conn = await connectPath(this.opts, slot.path, this.log);
     } catch (e) {
-      this.log.debug({ slot: slot.index, err: (e as Error).message, retryMs: slot.backoff }, 'remote: reconnect failed');
+      if ((e as VolumeError).code !== 'ENOENT') slot.path.transportError(`connect: ${(e as Error).message}`);
+      this.log.debug({ slot: slot.index, path: slot.path.id, err: (e as Error).message, retryMs: slot.backoff }, 'remote: reconnect failed');
     }
     slot.connecting = false;
     if (this.closed) {
@@ -231,25 +327,68 @@ export class RemoteVolume extends EventEmitter implements Volume {
     return null;
   }
 
-  /** The established connection with the fewest pending requests; ESHUTDOWN when down. */
-  private pick(): NbdClientConnection {
+  /** Fails at once (ESHUTDOWN) when closed or no connection is established. */
+  private pick(): void {
     if (this.closed) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: closed`);
-    let best: NbdClientConnection | null = null;
-    for (const s of this.slots) {
-      const c = s.conn;
-      if (c && c.ready && (!best || c.pending < best.pending)) best = c;
+    if (!this.slots.some((s) => s.conn !== null && s.conn.ready)) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: not connected`);
+  }
+
+  /**
+   * The connection for the next request: the path the node's selector picks among the paths
+   * this volume has a ready connection on (except `tried`), then the least busy connection on
+   * it. Without multi-conn, the active path while it is not down. Null when none is left.
+   */
+  private choose(tried: ReadonlySet<Path> | null): Slot | null {
+    const ready = this.slots.filter((s) => s.conn !== null && s.conn.ready && !(tried?.has(s.path) ?? false));
+    if (ready.length === 0) return null;
+    if (!this.caps.multiConn) {
+      const a = this.active;
+      if (a && ready.includes(a) && a.path.state !== 'down') return a;
     }
-    if (!best) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: not connected`);
+    const usable: Path[] = [];
+    for (const s of ready) if (!usable.includes(s.path)) usable.push(s.path);
+    const path = this.nodePaths.select(usable, this.cursor, { home: this.home, high: this.high }) ?? usable[0]!;
+    let best: Slot | null = null;
+    for (const s of ready) if (s.path === path && (!best || s.conn!.pending < best.conn!.pending)) best = s;
+    if (!this.caps.multiConn && best !== this.active) {
+      if (this.active) this.log.info({ from: this.active.path.id, to: best!.path.id }, 'remote: active path changed');
+      this.active = best;
+    }
     return best;
   }
 
-  /** Runs one wire request on a picked connection; errors are VolumeErrors. */
-  private async call<T>(fn: (c: NbdClientConnection) => Promise<T>): Promise<T> {
-    const c = this.pick();
-    try {
-      return await fn(c);
-    } catch (e) {
-      throw toVolumeError(e);
+  /**
+   * Runs one wire request with failover: on a broken connection (the path's fault) it is retried
+   * on another path until every path of the node was tried; an error the server answered is
+   * thrown as is. Per-path counters and service time are kept here. Errors are VolumeErrors.
+   */
+  private async call<T>(fn: (c: NbdClientConnection) => Promise<T>, kind: RequestKind = 'other', bytes = 0): Promise<T> {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: closed`);
+    let tried: Set<Path> | null = null;
+    let last: VolumeError | null = null;
+    for (;;) {
+      const slot = this.choose(tried);
+      if (!slot) throw last ?? new VolumeError('ESHUTDOWN', `remote ${this.id}: not connected`);
+      const c = slot.conn!;
+      const path = slot.path;
+      const t0 = performance.now();
+      path.begin();
+      try {
+        const v = await fn(c);
+        path.succeeded(performance.now() - t0, kind, bytes);
+        return v;
+      } catch (e) {
+        const err = toVolumeError(e);
+        // The connection is gone: the path failed, not the request (the node never answered it).
+        const transport = !c.ready;
+        path.failed(transport, err.message);
+        if (!transport || this.closed) throw err;
+        path.failovers++;
+        this.failovers++;
+        (tried ??= new Set()).add(path);
+        last = err;
+        this.log.debug({ path: path.id, err: err.message }, 'remote: request failed over to another path');
+      }
     }
   }
 
@@ -272,7 +411,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
   private readAligned(offset: number, buf: Buffer): Promise<void> {
     this.pick(); // fail at once when down
     return split(offset, buf.length, this.limits.maximum, (o, l) =>
-      this.call((c) => c.read(o, buf.subarray(o - offset, o - offset + l))));
+      this.call((c) => c.read(o, buf.subarray(o - offset, o - offset + l)), 'read', l));
   }
 
   async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
@@ -290,7 +429,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     this.pick();
     const { fua, emulate } = this.fua(opts);
     await split(offset, buf.length, this.limits.maximum, (o, l) =>
-      this.call((c) => c.write(o, buf.subarray(o - offset, o - offset + l), { fua })));
+      this.call((c) => c.write(o, buf.subarray(o - offset, o - offset + l), { fua }), 'write', l));
     if (emulate) await this.flush();
   }
 
@@ -373,7 +512,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
       const chunk = alignDown(Math.min(this.limits.maximum, ZERO_CHUNK), this.limits.minimum) || this.limits.minimum;
       if (!this.zeroBuf || this.zeroBuf.length < chunk) this.zeroBuf = Buffer.alloc(chunk);
       const z = this.zeroBuf;
-      await split(offset, length, chunk, (o, l) => this.call((c) => c.write(o, z.subarray(0, l), { fua })));
+      await split(offset, length, chunk, (o, l) => this.call((c) => c.write(o, z.subarray(0, l), { fua }), 'write', l));
     } else {
       const fast = Boolean(opts?.fastZero);
       const max = fast ? alignDown(BIG_OP, this.limits.minimum) : this.limits.maximum;
@@ -416,6 +555,10 @@ export class RemoteVolume extends EventEmitter implements Volume {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.nodePaths.off('change', this.onPathChange);
+    if (this.keepalive) clearInterval(this.keepalive);
+    if (this.opts.vm !== undefined) this.nodePaths.releaseHome(this.opts.vm);
+    this.nodePaths.release();
     for (const s of this.slots) {
       if (s.timer) clearTimeout(s.timer);
       s.timer = null;
@@ -438,23 +581,30 @@ export class RemoteVolume extends EventEmitter implements Volume {
   }
 }
 
-/** Tries each address in order; resolves with the first connection, rejects with the last error. */
-async function connectAny(opts: RemoteVolumeOptions, log: Logger): Promise<NbdClientConnection> {
+/** One connection over one path (its address, bound to its source address). */
+function connectPath(opts: RemoteVolumeOptions, path: Path, log: Logger): Promise<NbdClientConnection> {
+  return NbdClientConnection.connect({
+    address: path.address,
+    export: opts.export,
+    logger: log,
+    connectTimeoutMs: opts.connectTimeoutMs ?? 5000,
+    timeoutMs: opts.timeoutMs ?? (opts.paths?.policy ?? DEFAULT_PATH_POLICY).requestTimeoutMs,
+    maxInflight: opts.maxInflightPerConnection ?? 64,
+    ...(path.source !== undefined ? { localAddress: path.source } : {}),
+  });
+}
+
+/** Tries each path in order; resolves with the first connection, rejects with the last error. */
+async function connectAny(opts: RemoteVolumeOptions, paths: NodePaths, log: Logger): Promise<{ conn: NbdClientConnection; path: Path }> {
   const errors: string[] = [];
   let last: VolumeError | null = null;
-  for (const address of opts.addresses) {
+  for (const path of paths.paths) {
     try {
-      return await NbdClientConnection.connect({
-        address,
-        export: opts.export,
-        logger: log,
-        connectTimeoutMs: opts.connectTimeoutMs ?? 5000,
-        timeoutMs: opts.timeoutMs ?? 30_000,
-        maxInflight: opts.maxInflightPerConnection ?? 64,
-      });
+      return { conn: await connectPath(opts, path, log), path };
     } catch (e) {
       last = toVolumeError(e);
-      errors.push(`${address}: ${last.message}`);
+      if (last.code !== 'ENOENT') path.transportError(`connect: ${last.message}`);
+      errors.push(`${path.id}: ${last.message}`);
     }
   }
   // ENOENT (no such export) and the like are more telling than the generic EIO of a dead path.
