@@ -2,8 +2,10 @@
  * The paths of one storage node (one per NBD address × local source address), shared by every
  * volume the daemon has on that node, and PathTable, the daemon's set of them.
  *
- * NodePaths owns the health checks (every path probed each `healthIntervalMs`; see probe.ts)
- * and the timers of time-based transitions (end of a damping hold-down, delayed failback), and
+ * NodePaths owns the health checks of paths that are not up (each probed every
+ * `healthIntervalMs` with a fresh connect, see probe.ts; paths that are up are checked by their
+ * own traffic and by the volumes' keepalive reads on their connections, which a fresh connect
+ * could not replace: a blackholed path may still accept connections) and the timers of time-based transitions (end of a damping hold-down, delayed failback), and
  * gives VMs their home path (affinity): a new VM gets the path with the fewest VMs, so VMs
  * spread over the paths, and keeps it for as long as the disk is open.
  *
@@ -115,13 +117,13 @@ export class NodePaths extends EventEmitter {
     return this.users > 0;
   }
 
-  /** Probes every path once (also what the timer runs). */
+  /** Probes every path that is not up, once (also what the timer runs). */
   async probeAll(): Promise<void> {
     if (this.probing) return;
     this.probing = true;
     try {
       await Promise.all(
-        this.paths.map((p) =>
+        this.paths.filter((p) => p.state !== 'up').map((p) =>
           this.prober(p.address, p.source, this.policy.probeTimeoutMs).then(
             () => p.healthy(),
             (e: unknown) => p.transportError(`probe: ${(e as Error).message}`),
@@ -141,7 +143,7 @@ export class NodePaths extends EventEmitter {
   }
 
   private scheduleProbe(): void {
-    if (this.stopped) return;
+    if (this.stopped || !(this.policy.healthIntervalMs > 0)) return;
     this.probeTimer = this.clock.setTimeout(() => {
       this.probeTimer = null;
       void this.probeAll().finally(() => this.scheduleProbe());

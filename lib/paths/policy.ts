@@ -31,7 +31,10 @@ export interface DampingPolicy {
 export interface PathPolicy {
   selector: SelectorName;
   failback: FailbackPolicy;
-  /** Every path is probed this often (a connect and the NBD greeting). */
+  /**
+   * Health checks this often: paths that are not up get a fresh connect (the NBD greeting);
+   * idle connections on up paths a small read. 0: none (failures are seen by requests only).
+   */
   healthIntervalMs: number;
   /** A probe that does not see the greeting within this fails. */
   probeTimeoutMs: number;
