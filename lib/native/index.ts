@@ -84,7 +84,64 @@ export interface NativeAddon {
   Uring?: new (entries: number, onComplete: (pairs: Int32Array, count: number) => void) => NativeUring;
   /** The Node-style Error (code, errno, syscall) for a positive errno, as every addon error. */
   uringError?(errno: number, syscall: string): Error;
+
+  // The host FUSE mount (native/src/fuse.cc); /dev/fuse itself is read and written from JS.
+  /** mount(2): `data` is the fuse option string (fd=N,rootmode=...,user_id=...,group_id=...). */
+  fuseMount(source: string, target: string, fstype: string, flags: number, data: string): void;
+  /** umount2(2); `flags` MNT_FORCE 1, MNT_DETACH 2. */
+  fuseUnmount(target: string, flags: number): void;
+
+  // The *at calls of LocalFileTree (native/src/fs.cc), all on the thread pool. Names are
+  // Buffers of one path component (NUL or empty: EINVAL); fds are the tree's own.
+  /**
+   * openat2(dirfd, name, flags|O_NOFOLLOW|O_CLOEXEC, mode) with RESOLVE_BENEATH|NO_MAGICLINKS|
+   * NO_SYMLINKS: the fd, or with `wantStat` a stat array (FS_STAT layout) whose [0] is the fd.
+   */
+  fsOpenat(dirfd: number, name: Buffer, flags: number, mode: number, wantStat?: false): Promise<number>;
+  /** `dotdot` (name must be ".."): resolves without RESOLVE_BENEATH; the caller checks the result. */
+  fsOpenat(dirfd: number, name: Buffer, flags: number, mode: number, wantStat: true, dotdot?: boolean): Promise<Float64Array>;
+  /** fstatat(fd, "", AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW) as a stat array (FS_STAT layout). */
+  fsStat(fd: number): Promise<Float64Array>;
+  /** open("/proc/self/fd/FD", flags): an open file of an O_PATH fd's node; a symlink fails ELOOP. */
+  fsReopen(fd: number, flags: number): Promise<number>;
+  fsMkdirat(dirfd: number, name: Buffer, mode: number): Promise<number>;
+  fsMknodat(dirfd: number, name: Buffer, mode: number, rdev: number): Promise<number>;
+  fsSymlinkat(target: Buffer, dirfd: number, name: Buffer): Promise<number>;
+  /** `flags`: 0 or AT_REMOVEDIR (0x200). */
+  fsUnlinkat(dirfd: number, name: Buffer, flags: number): Promise<number>;
+  fsRenameat2(olddirfd: number, oldname: Buffer, newdirfd: number, newname: Buffer, flags: number): Promise<number>;
+  /** A new name `newname` in `newdirfd` for the node an O_PATH fd holds. */
+  fsLinkat(fd: number, newdirfd: number, newname: Buffer): Promise<number>;
+  fsReadlink(fd: number): Promise<Buffer>;
+  /** fchownat(fd, "", uid, gid, AT_EMPTY_PATH|AT_SYMLINK_NOFOLLOW); -1 leaves one unchanged. */
+  fsChown(fd: number, uid: number, gid: number): Promise<number>;
+  fsChmod(fd: number, mode: number): Promise<number>;
+  /** utimensat of an O_PATH fd's node; nsec may be UTIME_NOW (2^30-1) or UTIME_OMIT (2^30-2). */
+  fsUtimens(fd: number, atimeSec: number, atimeNsec: number, mtimeSec: number, mtimeNsec: number): Promise<number>;
+  fsTruncate(fd: number, size: number): Promise<number>;
+  fsGetxattr(fd: number, name: Buffer): Promise<Buffer>;
+  fsListxattr(fd: number): Promise<Buffer>;
+  fsSetxattr(fd: number, name: Buffer, value: Buffer, flags: number): Promise<number>;
+  fsRemovexattr(fd: number, name: Buffer): Promise<number>;
+  /** lseek(fd, cookie) then getdents64: raw linux_dirent64 records (at most `size` bytes). */
+  fsGetdents(fd: number, cookie: bigint, size: number): Promise<Buffer>;
+  fsFallocate(fd: number, mode: number, offset: number, length: number): Promise<number>;
+  /** lseek(fd, offset, whence): the new offset (ENXIO past the last data / hole). */
+  fsLseek(fd: number, offset: number, whence: number): Promise<number>;
+  fsCopyFileRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number, flags: number): Promise<number>;
+  fsSyncfs(fd: number): Promise<number>;
+  /** fstatfs: [blocks, bfree, bavail, files, ffree, bsize, namelen, frsize]. */
+  fsStatfs(fd: number): Promise<Float64Array>;
 }
+
+/**
+ * Indices into the stat arrays of fsOpenat/fsStat: dev and ino come in 32-bit halves so that an
+ * inode key stays exact past 2^53.
+ */
+export const FS_STAT = {
+  value: 0, devHi: 1, devLo: 2, inoHi: 3, inoLo: 4, mode: 5, nlink: 6, uid: 7, gid: 8, rdev: 9,
+  size: 10, blksize: 11, blocks: 12, atime: 13, atimeNs: 14, mtime: 15, mtimeNs: 16, ctime: 17, ctimeNs: 18,
+} as const;
 
 /**
  * An io_uring. read/write/fsync only queue (ids are the caller's, integers < 2^31); the buffer
