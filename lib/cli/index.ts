@@ -5,6 +5,7 @@
 import { Command } from 'commander';
 import { registerDisk } from './disk.js';
 import { registerNbd } from './nbd.js';
+import { registerMount } from './mount.js';
 import { registerServe } from './serve.js';
 import { registerStatus } from './status.js';
 import { registerVm } from './vm.js';
@@ -37,6 +38,7 @@ Examples:
     );
   registerNbd(program);
   registerVhostBlk(program);
+  registerMount(program);
   registerServe(program);
   registerStatus(program);
   registerVm(program);
