@@ -8,6 +8,7 @@
  */
 import path from 'node:path';
 import { z } from 'zod';
+import { DEFAULT_PATH_POLICY, SELECTORS, type FailbackPolicy, type PathPolicy } from '../paths/policy.js';
 
 /** Longest unix socket path (sun_path is 108 bytes with the terminating NUL). */
 export const MAX_SOCKET_PATH = 107;
@@ -127,9 +128,57 @@ function noDuplicates<T extends { name: string }>(items: T[], ctx: z.RefinementC
   });
 }
 
+/** `paths:` — multipath policy (lib/paths/policy.ts has the defaults and what each means). */
+export const pathsSchema = z.strictObject({
+  selector: z.enum(SELECTORS as [string, ...string[]]).optional(),
+  /** immediate | manual | { delayMs } */
+  failback: z.union([z.enum(['immediate', 'manual']), z.strictObject({ delayMs: msSchema })]).optional(),
+  healthIntervalMs: msSchema.optional(),
+  probeTimeoutMs: z.number().int().min(1).optional(),
+  requestTimeoutMs: z.number().int().min(1).optional(),
+  errorsToDown: z.number().int().min(1).max(1000).optional(),
+  damping: z.strictObject({ holdMs: msSchema.optional(), maxHoldMs: msSchema.optional(), flapWindowMs: msSchema.optional() }).optional(),
+  /** Local source addresses: one path per node address and source (several NICs). */
+  sources: z.array(z.string().min(1)).optional(),
+});
+
+export function resolvePaths(p: z.output<typeof pathsSchema>): PathPolicy {
+  const d = DEFAULT_PATH_POLICY;
+  const fb: FailbackPolicy =
+    p.failback === undefined ? d.failback : typeof p.failback === 'string' ? { mode: p.failback as 'immediate' | 'manual' } : { mode: 'delayed', ms: p.failback.delayMs };
+  return {
+    selector: (p.selector as PathPolicy['selector'] | undefined) ?? d.selector,
+    failback: fb,
+    healthIntervalMs: p.healthIntervalMs ?? d.healthIntervalMs,
+    probeTimeoutMs: p.probeTimeoutMs ?? d.probeTimeoutMs,
+    requestTimeoutMs: p.requestTimeoutMs ?? d.requestTimeoutMs,
+    errorsToDown: p.errorsToDown ?? d.errorsToDown,
+    damping: { holdMs: p.damping?.holdMs ?? d.damping.holdMs, maxHoldMs: p.damping?.maxHoldMs ?? d.damping.maxHoldMs, flapWindowMs: p.damping?.flapWindowMs ?? d.damping.flapWindowMs },
+    sources: p.sources ?? [],
+  };
+}
+
+/** The VM's multipath and suspend settings, resolved (absent fields stay absent). */
+function resolveVmPaths(v: { qmp?: string | undefined; onUnreachable?: { action: 'queue' | 'pause' | 'fail'; failAfterMs?: number | undefined } | undefined; pathPriority?: 'normal' | 'high' | undefined }, ctx: ResolveContext): Pick<VmConfig, 'qmp' | 'onUnreachable' | 'pathPriority'> {
+  const u = v.onUnreachable;
+  return {
+    ...(v.qmp !== undefined ? { qmp: path.resolve(ctx.baseDir, v.qmp) } : {}),
+    ...(u ? { onUnreachable: { action: u.action, ...(u.failAfterMs !== undefined ? { failAfterMs: u.failAfterMs } : u.action === 'fail' ? { failAfterMs: 30_000 } : {}) } } : {}),
+    ...(v.pathPriority !== undefined ? { pathPriority: v.pathPriority } : {}),
+  };
+}
+
 export const vmSchema = z.strictObject({
   name: nameSchema,
   disks: z.array(diskSchema).superRefine((d, ctx) => noDuplicates(d, ctx, 'disk')).optional(),
+  /** The VM's QMP socket (QEMU `-qmp unix:PATH,server=on,wait=off`): the daemon pauses and resumes the VM through it. */
+  qmp: socketPathSchema.optional(),
+  /** When a disk of the VM has no reachable replica (lib/paths/suspend.ts): queue (default), pause (needs qmp), fail. */
+  onUnreachable: z
+    .strictObject({ action: z.enum(['queue', 'pause', 'fail']), failAfterMs: msSchema.optional() })
+    .optional(),
+  /** Multipath: high takes the least-loaded path of a node instead of the VM's own (home) path. */
+  pathPriority: z.enum(['normal', 'high']).optional(),
 });
 
 export const tlsSchema = z.strictObject({
@@ -183,6 +232,8 @@ export const configSchema = z
     tls: tlsSchema.optional(),
     resolver: resolverSchema.optional(),
     nodes: z.array(embeddedNodeSchema).optional(),
+    /** Multipath to storage nodes (lib/paths): selector, failback, health checks, damping, source addresses. */
+    paths: pathsSchema.optional(),
     vms: z.array(vmSchema).superRefine((v, ctx) => noDuplicates(v, ctx, 'VM')).optional(),
   })
   .superRefine((c, ctx) => {
@@ -236,6 +287,11 @@ export interface DiskConfig {
 export interface VmConfig {
   name: string;
   disks: DiskConfig[];
+  /** QMP socket of the VM (absolute). */
+  qmp?: string;
+  /** What happens when a disk of the VM has no reachable replica; absent: queue. */
+  onUnreachable?: { action: 'queue' | 'pause' | 'fail'; failAfterMs?: number };
+  pathPriority?: 'normal' | 'high';
 }
 
 export interface TlsConfig {
@@ -271,6 +327,8 @@ export interface DaemonConfig {
   tcp?: { host: string; port: number };
   tls?: TlsConfig;
   vms: VmConfig[];
+  /** Multipath policy of remote volumes (defaults of lib/paths/policy.ts filled). */
+  paths?: PathPolicy;
 }
 
 /** Where relative paths are anchored and where sockets go by default. */
@@ -384,7 +442,7 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
 }
 
 export function resolveVm(v: z.output<typeof vmSchema>, ctx: ResolveContext): VmConfig {
-  return { name: v.name, disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)) };
+  return { name: v.name, ...resolveVmPaths(v, ctx), disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)) };
 }
 
 /**
@@ -460,6 +518,7 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
     }),
     control,
     log: { level: c.log?.level ?? 'info' },
+    ...(c.paths ? { paths: resolvePaths(c.paths) } : {}),
     ...(c.tcp ? { tcp: { host: c.tcp.host ?? '127.0.0.1', port: c.tcp.port ?? DEFAULT_TCP_PORT } } : {}),
     ...(c.tls
       ? {
