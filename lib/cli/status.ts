@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import type { DaemonStatus } from '../daemon/control.js';
 import { formatHostPort } from '../daemon/daemon.js';
+import { renderQosTable } from '../qos/metrics.js';
 import { call, controlOption } from './client.js';
 
 export function formatBytes(n: number): string {
@@ -66,7 +67,7 @@ export function renderStatus(s: DaemonStatus): string {
       ]);
     }
   }
-  return out + renderTable(rows);
+  return out + renderTable(rows) + renderQosTable(s, renderTable);
 }
 
 /** Each replica as NODE:STATE, with `down`, dirty bytes and resync progress when there are any. */

@@ -5,6 +5,7 @@ import { readDocument } from '../config/load.js';
 import { validate, vmSchema } from '../config/schema.js';
 import type { VmStatus } from '../daemon/registry.js';
 import { call, controlOption, diskEndpoints } from './client.js';
+import { registerVmQos } from './qos.js';
 
 /** Query string carrying the directory relative paths of a document are relative to. */
 export function baseQuery(baseDir: string): string {
@@ -58,4 +59,6 @@ Example:
       await call(opts.control, 'DELETE', `/v1/vms/${encodeURIComponent(name)}`);
       process.stdout.write(`VM ${name} removed\n`);
     });
+
+  registerVmQos(vm);
 }

@@ -9,6 +9,8 @@
 import path from 'node:path';
 import { z } from 'zod';
 import { DEFAULT_PATH_POLICY, SELECTORS, type FailbackPolicy, type PathPolicy } from '../paths/policy.js';
+import { resolveShare, sharesSchema, type ShareConfig } from './shares.js';
+import { DEFAULT_HOST_QOS, QOS_PRIORITIES, type HostQosConfig, type QosSettings } from '../qos/settings.js';
 
 /** Longest unix socket path (sun_path is 108 bytes with the terminating NUL). */
 export const MAX_SOCKET_PATH = 107;
@@ -128,6 +130,55 @@ function noDuplicates<T extends { name: string }>(items: T[], ctx: z.RefinementC
   });
 }
 
+/** Requests per second: a positive number. */
+const iopsSchema = z.number().positive('must be > 0').max(1e9, 'at most 1e9');
+/** Bytes per second: a size (`100M` is 100 MiB/s). */
+const bpsSchema = sizeSchema;
+
+/** A VM's service level (lib/qos): all its disks share it. */
+export const qosSchema = z
+  .strictObject({
+    /** Served first while due, whatever the priority class. */
+    reservation: z.strictObject({ iops: iopsSchema.optional(), bps: bpsSchema.optional() }).optional(),
+    /** Never exceeded beyond the burst. */
+    limit: z
+      .strictObject({
+        iops: iopsSchema.optional(),
+        bps: bpsSchema.optional(),
+        /** Seconds of limit a VM under its limit may save up and spend at once; default 0 (strict). */
+        burstSeconds: z.number().min(0, 'must be >= 0').max(3600, 'at most 3600').optional(),
+      })
+      .optional(),
+    /** Share of spare capacity within the priority class; default 1. */
+    weight: z.number().positive('must be > 0').max(10000, 'at most 10000').optional(),
+    /** Priority class: spare capacity goes to high, then normal, then low; default normal. */
+    priority: z.enum(QOS_PRIORITIES).optional(),
+  })
+  .superRefine((q, ctx) => {
+    const r = q.reservation;
+    const l = q.limit;
+    for (const dim of ['iops', 'bps'] as const) {
+      if (r?.[dim] !== undefined && l?.[dim] !== undefined && r[dim] > l[dim]) {
+        ctx.addIssue({ code: 'custom', path: ['reservation', dim], message: `must not exceed limit.${dim} (${l[dim]})` });
+      }
+    }
+    if (l?.burstSeconds !== undefined && l.iops === undefined && l.bps === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['limit', 'burstSeconds'], message: 'needs limit.iops or limit.bps' });
+    }
+  });
+
+/** The host-wide scheduler (top-level `qos`). */
+export const hostQosSchema = z.strictObject({
+  /** false: no QoS layer in any disk stack (per-VM qos is then refused). Default true. */
+  enabled: z.boolean().optional(),
+  /** Requests outstanding at the backends, host-wide; default 64. */
+  depth: z.number().int('expected an integer').min(1, 'at least 1').max(65536, 'at most 65536').optional(),
+  /** Bytes costing as much as one request in the weight shares; default 64K. */
+  costUnit: sizeSchema.optional(),
+  /** Seconds a reservation may go unmet (while requests are queued) before "migrate advised"; default 30. */
+  adviseAfterSeconds: z.number().positive('must be > 0').max(86400).optional(),
+});
+
 /** `paths:` — multipath policy (lib/paths/policy.ts has the defaults and what each means). */
 export const pathsSchema = z.strictObject({
   selector: z.enum(SELECTORS as [string, ...string[]]).optional(),
@@ -171,6 +222,8 @@ function resolveVmPaths(v: { qmp?: string | undefined; onUnreachable?: { action:
 export const vmSchema = z.strictObject({
   name: nameSchema,
   disks: z.array(diskSchema).superRefine((d, ctx) => noDuplicates(d, ctx, 'disk')).optional(),
+  /** Shared directories over virtiofs (lib/config/shares.ts), started after the disks. */
+  shares: sharesSchema.optional(),
   /** The VM's QMP socket (QEMU `-qmp unix:PATH,server=on,wait=off`): the daemon pauses and resumes the VM through it. */
   qmp: socketPathSchema.optional(),
   /** When a disk of the VM has no reachable replica (lib/paths/suspend.ts): queue (default), pause (needs qmp), fail. */
@@ -179,6 +232,8 @@ export const vmSchema = z.strictObject({
     .optional(),
   /** Multipath: high takes the least-loaded path of a node instead of the VM's own (home) path. */
   pathPriority: z.enum(['normal', 'high']).optional(),
+  /** Service level (lib/qos); default: no reservation, no limit, weight 1, normal. */
+  qos: qosSchema.optional(),
 });
 
 export const tlsSchema = z.strictObject({
@@ -235,8 +290,14 @@ export const configSchema = z
     /** Multipath to storage nodes (lib/paths): selector, failback, health checks, damping, source addresses. */
     paths: pathsSchema.optional(),
     vms: z.array(vmSchema).superRefine((v, ctx) => noDuplicates(v, ctx, 'VM')).optional(),
+    qos: hostQosSchema.optional(),
   })
   .superRefine((c, ctx) => {
+    if (c.qos?.enabled === false) {
+      c.vms?.forEach((vm, i) => {
+        if (vm.qos) ctx.addIssue({ code: 'custom', path: ['vms', i, 'qos'], message: 'QoS is disabled (qos.enabled: false at the top level)' });
+      });
+    }
     if (c.tls && !c.tcp) ctx.addIssue({ code: 'custom', path: ['tls'], message: 'needs tcp (TLS is offered on the TCP listener only)' });
     if (c.nodes?.length && !c.resolver) ctx.addIssue({ code: 'custom', path: ['nodes'], message: 'storage nodes need a resolver to register in' });
     const ids = new Set<string>();
@@ -248,6 +309,11 @@ export const configSchema = z
       c.vms?.forEach((vm, i) =>
         vm.disks?.forEach((d, j) => {
           if (d.volume) ctx.addIssue({ code: 'custom', path: ['vms', i, 'disks', j, 'volume'], message: 'a volume disk needs a resolver (top-level resolver)' });
+        }),
+      );
+      c.vms?.forEach((vm, i) =>
+        vm.shares?.forEach((sh, j) => {
+          if (sh.path !== undefined) ctx.addIssue({ code: 'custom', path: ['vms', i, 'shares', j, 'path'], message: 'a share on a storage node needs a resolver (top-level resolver); or give dir' });
         }),
       );
     }
@@ -287,11 +353,15 @@ export interface DiskConfig {
 export interface VmConfig {
   name: string;
   disks: DiskConfig[];
+  /** Shared directories (virtiofs); empty when none. */
+  shares: ShareConfig[];
   /** QMP socket of the VM (absolute). */
   qmp?: string;
   /** What happens when a disk of the VM has no reachable replica; absent: queue. */
   onUnreachable?: { action: 'queue' | 'pause' | 'fail'; failAfterMs?: number };
   pathPriority?: 'normal' | 'high';
+  /** Absent: the defaults (DEFAULT_QOS of lib/qos/settings.ts). */
+  qos?: QosSettings;
 }
 
 export interface TlsConfig {
@@ -329,6 +399,8 @@ export interface DaemonConfig {
   vms: VmConfig[];
   /** Multipath policy of remote volumes (defaults of lib/paths/policy.ts filled). */
   paths?: PathPolicy;
+  /** The host-wide scheduler; absent: DEFAULT_HOST_QOS. */
+  qos?: HostQosConfig;
 }
 
 /** Where relative paths are anchored and where sockets go by default. */
@@ -442,7 +514,26 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
 }
 
 export function resolveVm(v: z.output<typeof vmSchema>, ctx: ResolveContext): VmConfig {
-  return { name: v.name, ...resolveVmPaths(v, ctx), disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)) };
+  return { name: v.name, ...resolveVmPaths(v, ctx), disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)), ...(v.qos ? { qos: resolveQos(v.qos) } : {}) };
+}
+
+/** A VM's qos block with the defaults filled. */
+export function resolveQos(q: z.output<typeof qosSchema>): QosSettings {
+  const rate = (r: { iops?: number | undefined; bps?: number | undefined } | undefined) => ({
+    ...(r?.iops !== undefined ? { iops: r.iops } : {}),
+    ...(r?.bps !== undefined ? { bps: r.bps } : {}),
+  });
+  return {
+    reservation: rate(q.reservation),
+    limit: { ...rate(q.limit), burstSeconds: q.limit?.burstSeconds ?? 0 },
+    weight: q.weight ?? 1,
+    priority: q.priority ?? 'normal',
+  };
+}
+
+/** Validates and resolves a VM's qos block (a control request, `vstore vm qos`). */
+export function parseQos(data: unknown, source?: string): QosSettings {
+  return resolveQos(validate(qosSchema, data ?? {}, { source }));
 }
 
 /**
@@ -519,6 +610,16 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
     control,
     log: { level: c.log?.level ?? 'info' },
     ...(c.paths ? { paths: resolvePaths(c.paths) } : {}),
+    ...(c.qos
+      ? {
+          qos: {
+            enabled: c.qos.enabled ?? DEFAULT_HOST_QOS.enabled,
+            depth: c.qos.depth ?? DEFAULT_HOST_QOS.depth,
+            costUnit: c.qos.costUnit ?? DEFAULT_HOST_QOS.costUnit,
+            adviseAfterSeconds: c.qos.adviseAfterSeconds ?? DEFAULT_HOST_QOS.adviseAfterSeconds,
+          },
+        }
+      : {}),
     ...(c.tcp ? { tcp: { host: c.tcp.host ?? '127.0.0.1', port: c.tcp.port ?? DEFAULT_TCP_PORT } } : {}),
     ...(c.tls
       ? {

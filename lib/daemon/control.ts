@@ -7,6 +7,8 @@
  *   DELETE /v1/vms/:vm                drain, flush, remove sockets
  *   POST   /v1/vms/:vm/disks          body: one disk of the config schema
  *   DELETE /v1/vms/:vm/disks/:disk
+ *   GET    /v1/vms/:vm/qos            the VM's service level and measured rates
+ *   PUT    /v1/vms/:vm/qos            body: a qos object (replaces the VM's; {} = defaults)
  *   GET    /metrics                   Prometheus text format
  *
  * Relative paths in a request body are resolved against `?base=DIR` (the CLI sends the
@@ -15,9 +17,13 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { ConfigError, parseDisk, parseVm, type ResolveContext } from '../config/schema.js';
+import { ConfigError, parseDisk, parseQos, parseVm, type ResolveContext } from '../config/schema.js';
 import type { Logger } from '../log.js';
+import { renderQosMetrics } from '../qos/metrics.js';
+import type { QosHostStatus } from '../qos/scheduler.js';
 import { prepareSocket, RegistryError, type VmRegistry, type VmStatus } from './registry.js';
+import { renderPathMetrics } from '../paths/metrics.js';
+import type { PathStatus } from '../paths/path.js';
 
 const MAX_BODY = 1024 * 1024;
 
@@ -32,6 +38,10 @@ export interface DaemonStatus {
   /** Every address the shared TCP listener is bound to. */
   tcpAddresses?: Array<{ host: string; port: number }>;
   vms: VmStatus[];
+  /** Paths to storage nodes (remote volumes), per node and path. */
+  paths?: PathStatus[];
+  /** The host-wide QoS scheduler (absent when QoS is disabled). */
+  qos?: QosHostStatus;
 }
 
 export interface ControlDeps {
@@ -126,6 +136,17 @@ export class ControlServer {
       if (method !== 'DELETE') throw new HttpError(405, 'use DELETE');
       await registry.removeVm(vm);
       return this.json(res, 200, { removed: vm });
+    }
+    if (coll === 'vms' && vm !== undefined && sub === 'qos' && parts.length === 4) {
+      if (method === 'GET') {
+        const st = registry.status().find((v) => v.name === vm);
+        if (!st) throw new RegistryError(404, `no VM "${vm}"`);
+        if (!st.qos) throw new RegistryError(400, 'QoS is disabled on this daemon (qos.enabled: false)');
+        return this.json(res, 200, st.qos);
+      }
+      if (method !== 'PUT') throw new HttpError(405, 'use GET or PUT');
+      if (!registry.has(vm)) throw new RegistryError(404, `no VM "${vm}"`);
+      return this.json(res, 200, registry.setQos(vm, parseQos(await readJson(req))));
     }
     if (coll === 'vms' && vm !== undefined && sub === 'disks' && parts.length === 4) {
       if (method !== 'POST') throw new HttpError(405, 'use POST');
@@ -240,5 +261,7 @@ export function renderMetrics(s: DaemonStatus): string {
     'Bytes a running resync or rebuild still has to copy (0 when none runs).',
     reps.map(({ labels, r }) => [labels, r.resync ? r.resync.totalBytes - r.resync.doneBytes : 0]),
   );
+  out.push(...renderPathMetrics(s));
+  out.push(...renderQosMetrics(s));
   return out.join('\n') + '\n';
 }

@@ -14,12 +14,16 @@ import { ConfigError, type DaemonConfig, type DiskConfig } from '../config/schem
 import type { Logger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
 import { StorageNode } from '../node/node.js';
+import { QosScheduler } from '../qos/scheduler.js';
+import { DEFAULT_HOST_QOS } from '../qos/settings.js';
 import { EmbeddedStore } from '../resolver/embedded.js';
 import { openResolver } from '../resolver/open.js';
 import { ResolverService } from '../resolver/service.js';
 import type { ResolverStore } from '../resolver/types.js';
 import { ControlServer, type DaemonStatus } from './control.js';
 import { RemoteDisks } from './remote.js';
+import { PathTable } from '../paths/node-paths.js';
+import { DEFAULT_PATH_POLICY } from '../paths/policy.js';
 import { RegistryError, VmRegistry, type NbdServerFactory, type NbdServerLike, type VhostServerFactory, type VolumeOpener } from './registry.js';
 
 export interface DaemonDeps {
@@ -41,8 +45,11 @@ export class Daemon {
   private readonly logger: Logger;
   private readonly startedAt = Date.now();
   private registry: VmRegistry | undefined;
+  private remote: RemoteDisks | undefined;
   private tcpServer: NbdServerLike | undefined;
   private control: ControlServer | undefined;
+  /** The host-wide QoS scheduler (absent with qos.enabled: false). */
+  private qos: QosScheduler | undefined;
   private resolver: ResolverStore | undefined;
   private resolverService: ResolverService | undefined;
   private readonly nodes: StorageNode[] = [];
@@ -101,15 +108,23 @@ export class Daemon {
       this.tcpServer = this.deps.createServer({ logger: logger.child({ listener: 'tcp' }), ...(tls ? { tls } : {}) });
     }
     await this.startStorage(checkStop);
-    const remote = this.resolver ? new RemoteDisks({ resolver: this.resolver, stateDir: config.stateDir, logger: logger.child({ component: 'remote' }) }) : undefined;
+    const paths = new PathTable(config.paths ?? DEFAULT_PATH_POLICY, logger.child({ component: 'paths' }));
+    const remote = this.resolver ? new RemoteDisks({ resolver: this.resolver, stateDir: config.stateDir, logger: logger.child({ component: 'remote' }), paths }) : undefined;
+    this.remote = remote;
     const openFile = this.deps.openVolume ?? openFileVolume;
+    const hostQos = config.qos ?? DEFAULT_HOST_QOS;
+    if (hostQos.enabled) {
+      this.qos = new QosScheduler({ depth: hostQos.depth, costUnit: hostQos.costUnit, adviseAfterSeconds: hostQos.adviseAfterSeconds, logger: logger.child({ component: 'qos' }) });
+      this.qos.start();
+    }
     const registry = new VmRegistry({
+      ...(this.qos ? { qos: this.qos } : {}),
       logger,
       createServer: this.deps.createServer,
-      openVolume: async (d) => {
+      openVolume: async (d, vm) => {
         if (!d.volume) return openFile(d);
         if (!remote) throw new RegistryError(400, 'volume: this daemon has no resolver (top-level resolver in its config)');
-        return remote.open(d);
+        return remote.open(d, vm);
       },
       ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
@@ -213,6 +228,8 @@ export class Daemon {
       control: this.config.control,
       ...tcpStatus(this.tcpAddresses()),
       vms: this.registry?.status() ?? [],
+      ...(this.remote ? { paths: this.remote.paths.status() } : {}),
+      ...(this.qos ? { qos: this.qos.status() } : {}),
     };
   }
 
@@ -233,6 +250,7 @@ export class Daemon {
     await this.control?.close().catch((e: unknown) => log.error({ err: e }, 'closing the control socket failed'));
     log.info('stopping: draining in-flight requests and flushing every disk');
     await this.registry?.closeAll();
+    this.qos?.close();
     if (this.tcpServer) {
       log.info('stopping: closing the TCP listener');
       await this.tcpServer.close().catch((e: unknown) => log.error({ err: e }, 'closing the TCP listener failed'));

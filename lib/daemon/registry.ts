@@ -20,6 +20,10 @@ import { diskSockets, diskSource, type DiskConfig, type VmConfig } from '../conf
 import type { Logger } from '../log.js';
 import { prepareSocket as prepareNetSocket, SocketConflictError } from '../net/address.js';
 import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from '../nbd/api.js';
+import type { SuspendStatus } from '../paths/suspend.js';
+import type { QosFlow, QosFlowStatus, QosScheduler } from '../qos/scheduler.js';
+import { DEFAULT_QOS, type QosSettings } from '../qos/settings.js';
+import { QosVolume } from '../qos/volume.js';
 
 /** What the registry needs of an NBD server (lib/nbd/server.ts's NbdServer has it). */
 export interface NbdServerLike {
@@ -64,7 +68,8 @@ export interface VhostServerOptions {
 }
 
 export type VhostServerFactory = (opts: VhostServerOptions) => Promise<VhostServerLike>;
-export type VolumeOpener = (disk: DiskConfig) => Promise<Volume>;
+/** Opens a disk's volume; `vm` is the VM's config (a remote disk takes its multipath and suspend settings from it). */
+export type VolumeOpener = (disk: DiskConfig, vm?: VmConfig) => Promise<Volume>;
 
 /** An error the control API reports with an HTTP status (and the CLI prints as one line). */
 export class RegistryError extends Error {
@@ -97,6 +102,14 @@ export interface ReplicationStatus {
   replicas: Array<{ id: string; state: string; up: boolean; dirtyBytes: number; resync?: { doneBytes: number; totalBytes: number } }>;
 }
 
+function suspendedOf(vols: Volume[]): { suspended?: SuspendStatus } {
+  for (const v of vols) {
+    const s = (v as { suspendStatus?: () => SuspendStatus | undefined }).suspendStatus?.();
+    if (s) return { suspended: s };
+  }
+  return {};
+}
+
 function replicationOf(v: Volume): { replication?: ReplicationStatus } {
   const src = v as Partial<ReplicationSource>;
   return typeof src.replicationStatus === 'function' ? { replication: src.replicationStatus() } : {};
@@ -122,6 +135,10 @@ export interface DiskStatus extends DiskCounters {
 export interface VmStatus {
   name: string;
   disks: DiskStatus[];
+  /** A disk of the VM has no reachable replica: its I/O queues, or the daemon paused it (lib/paths/suspend.ts). */
+  suspended?: SuspendStatus;
+  /** The VM's service level and measured rates (absent when the daemon runs without QoS). */
+  qos?: QosFlowStatus;
 }
 
 interface Disk {
@@ -140,6 +157,8 @@ interface Disk {
 interface Vm {
   name: string;
   disks: Map<string, Disk>;
+  /** The VM's flow in the host scheduler: every disk's QosVolume submits to it. */
+  flow?: QosFlow;
 }
 
 export interface RegistryDeps {
@@ -150,12 +169,16 @@ export interface RegistryDeps {
   createVhostServer?: VhostServerFactory;
   /** The shared TCP server: every disk is also exported there as `VM/DISK`. */
   tcpServer?: NbdServerLike;
+  /** The host-wide QoS scheduler (none: disks are served without a QoS layer). */
+  qos?: QosScheduler;
 }
 
 const ZERO: DiskCounters = { connections: 0, inflight: 0, reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
 
 export class VmRegistry {
   private readonly vms = new Map<string, Vm>();
+  /** Each VM's config, for its disks' opener. */
+  private readonly vmConfigs = new Map<string, VmConfig>();
   private queue: Promise<unknown> = Promise.resolve();
   private closed = false;
 
@@ -178,7 +201,9 @@ export class VmRegistry {
       this.open();
       if (this.vms.has(vm.name)) throw new RegistryError(409, `VM "${vm.name}" already exists`);
       this.checkSockets(vm.disks, (j) => `disks[${j}].`);
-      const entry: Vm = { name: vm.name, disks: new Map() };
+      this.vmConfigs.set(vm.name, vm);
+      if (vm.qos && !this.deps.qos) throw new RegistryError(400, 'qos: QoS is disabled on this daemon (qos.enabled: false)');
+      const entry: Vm = { name: vm.name, disks: new Map(), ...(this.deps.qos ? { flow: this.deps.qos.addFlow(vm.name, vm.qos ?? DEFAULT_QOS) } : {}) };
       this.vms.set(vm.name, entry);
       try {
         for (const [j, d] of vm.disks.entries()) await this.startDisk(entry, d, `disks[${j}]`);
@@ -197,6 +222,7 @@ export class VmRegistry {
       const vm = this.vms.get(name);
       if (!vm) throw new RegistryError(404, `no VM "${name}"`);
       this.vms.delete(name);
+      this.vmConfigs.delete(name);
       await this.stopVm(vm);
       this.deps.logger.info({ vm: name }, 'VM removed');
     });
@@ -238,10 +264,26 @@ export class VmRegistry {
     });
   }
 
+  /**
+   * Replaces a VM's service level; it applies from the scheduler's next dispatch. Not queued
+   * behind add/remove: it touches no socket or volume.
+   */
+  setQos(vmName: string, settings: QosSettings): QosFlowStatus {
+    const vm = this.vms.get(vmName);
+    if (!vm) throw new RegistryError(404, `no VM "${vmName}"`);
+    if (!vm.flow || !this.deps.qos) throw new RegistryError(400, 'QoS is disabled on this daemon (qos.enabled: false)');
+    vm.flow.update(settings);
+    this.deps.logger.info({ vm: vmName, qos: settings }, 'VM service level changed');
+    return vm.flow.status(this.deps.qos.clock.now());
+  }
+
   status(): VmStatus[] {
     const tcpStats = this.deps.tcpServer?.stats();
+    const now = this.deps.qos?.clock.now() ?? 0;
     return [...this.vms.values()].map((vm) => ({
       name: vm.name,
+      ...suspendedOf([...vm.disks.values()].map((d) => d.volume)),
+      ...(vm.flow ? { qos: vm.flow.status(now) } : {}),
       disks: [...vm.disks.values()].map((d) => {
         const c = { ...ZERO };
         if (d.server && d.config.nbd) add(c, d.server.stats().exports.find((e) => e.name === d.config.nbd!.export));
@@ -284,15 +326,17 @@ export class VmRegistry {
     const field = (f: string): string => (where ? `${where}.${f}` : f);
     let volume: Volume;
     try {
-      volume = await this.deps.openVolume(config);
+      volume = await this.deps.openVolume(config, this.vmConfigs.get(vm.name));
     } catch (e) {
       // "ENOENT: ENOENT: no such file..." (VolumeError over a system error) said once
       const why = (e as Error).message.replace(/^(\w+): \1: /, '$1: ');
       if (config.volume) throw new RegistryError(e instanceof RegistryError ? e.status : 400, `${field('volume')}: cannot open volume ${config.volume.name}: ${why}`);
       throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${why}`);
     }
-    // With two kinds of front end, one ordering for all of them (see the header).
-    const front: Volume = config.vhostUser ? new OrderedVolume(volume) : volume;
+    // With two kinds of front end, one ordering for all of them (see the header). The QoS
+    // layer sits below the ordering (lib/qos/volume.ts says why): NbdExport(Ordered(Qos(volume))).
+    const scheduled: Volume = vm.flow ? new QosVolume(volume, vm.flow) : volume;
+    const front: Volume = config.vhostUser ? new OrderedVolume(scheduled) : scheduled;
     const disk: Disk = { vm: vm.name, config, volume, front, logger };
     let step = field('nbd.socket');
     try {
@@ -346,6 +390,7 @@ export class VmRegistry {
     const disks = [...vm.disks.values()];
     vm.disks.clear();
     await Promise.all(disks.map((d) => this.stopDisk(d)));
+    if (vm.flow) this.deps.qos?.removeFlow(vm.flow);
   }
 
   /** Takes one disk down: TCP export, then its server (stops accepting, drains, flushes), then the volume. */

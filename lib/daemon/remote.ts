@@ -12,6 +12,12 @@
  *      local state file (fsynced: the durable truth on this host) and in the resolver record (best
  *      effort: the resolver may be unreachable exactly when a replica fails).
  *
+ * Multipath: every replica's RemoteVolume reaches its node over that node's paths in the daemon's
+ * PathTable (one NodePaths per node, shared by all volumes on it: health, damping, failback), with
+ * the VM's home path (affinity) and priority. When a disk has no reachable in-sync replica, the
+ * VM's `onUnreachable` applies (lib/paths/suspend.ts): queue, fail after failAfterMs, or pause
+ * the VM over QMP.
+ *
  * Control plane only: nothing here is on the per-request path.
  */
 import { EventEmitter } from 'node:events';
@@ -22,8 +28,12 @@ import { VolumeError } from '../block/errors.js';
 import { RemoteVolume } from '../block/remote.js';
 import { ReplicatedVolume, type ReplicaVolume } from '../block/replicated.js';
 import type { Extent, Volume, WriteOptions, ZeroOptions } from '../block/volume.js';
-import type { DiskConfig, VolumeSpec } from '../config/schema.js';
+import type { DiskConfig, VmConfig, VolumeSpec } from '../config/schema.js';
 import type { Logger } from '../log.js';
+import { PathTable } from '../paths/node-paths.js';
+import { DEFAULT_PATH_POLICY } from '../paths/policy.js';
+import { SuspendGate, VmSuspender, type SuspendStatus } from '../paths/suspend.js';
+import { QmpVmControl } from './qmp.js';
 import { RpcClient } from '../rpc/index.js';
 import type { NameRecord, NodeStatus, ReplicaState, ResolverStore } from '../resolver/types.js';
 import { RegistryError, type ReplicationSource, type ReplicationStatus } from './registry.js';
@@ -56,6 +66,60 @@ export interface RemoteDisksDeps {
   logger: Logger;
   /** How long a resolver update may take before the daemon goes on without it. Default 3 s. */
   resolverTimeoutMs?: number;
+  /** The daemon's paths to storage nodes (default: a table with the default policy). */
+  paths?: PathTable;
+}
+
+/** A disk volume that says whether its VM is suspended (`vstore status`). */
+export interface SuspendSource {
+  suspendStatus(): SuspendStatus | undefined;
+}
+
+/**
+ * What the registry serves for a remote disk: the replicated volume, gated (pause) or not. It
+ * reports the replicas and the VM's suspension, and leaves the VM's suspender on close.
+ */
+class ServedRemoteDisk extends SuspendGate implements ReplicationSource, SuspendSource {
+  constructor(
+    private readonly rep: ServedReplicatedVolume,
+    private readonly suspender: VmSuspender | undefined,
+    private readonly gated: boolean,
+    private readonly onClose: () => void,
+  ) {
+    super(rep);
+  }
+  override replicationStatus(): ReplicationStatus {
+    return this.rep.replicationStatus();
+  }
+  suspendStatus(): SuspendStatus | undefined {
+    return this.suspender?.status();
+  }
+  override async close(): Promise<void> {
+    this.onClose();
+    await this.rep.close();
+  }
+  // Without pause, requests go straight to the replicated layer (no gate on the hot path).
+  override read(offset: number, buf: Buffer): Promise<void> {
+    return this.gated ? super.read(offset, buf) : this.rep.read(offset, buf);
+  }
+  override write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    return this.gated ? super.write(offset, buf, opts) : this.rep.write(offset, buf, opts);
+  }
+  override flush(): Promise<void> {
+    return this.gated ? super.flush() : this.rep.flush();
+  }
+  override trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
+    return this.gated ? super.trim(offset, length, opts) : this.rep.trim(offset, length, opts);
+  }
+  override writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    return this.gated ? super.writeZeroes(offset, length, opts) : this.rep.writeZeroes(offset, length, opts);
+  }
+  override prefetch(offset: number, length: number): Promise<void> {
+    return this.gated ? super.prefetch(offset, length) : this.rep.prefetch(offset, length);
+  }
+  override blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.gated ? super.blockStatus(offset, length) : this.rep.blockStatus(offset, length);
+  }
 }
 
 /** File-name form of a volume name (`vm1/disk0` → `vm1%2Fdisk0`). */
@@ -99,12 +163,16 @@ export async function writeFileDurable(file: string, data: unknown): Promise<voi
 
 export class RemoteDisks {
   private readonly timeoutMs: number;
+  readonly paths: PathTable;
+  /** One suspender per VM with remote disks. */
+  private readonly suspenders = new Map<string, { s: VmSuspender; control?: QmpVmControl }>();
   constructor(private readonly deps: RemoteDisksDeps) {
     this.timeoutMs = deps.resolverTimeoutMs ?? 3000;
+    this.paths = deps.paths ?? new PathTable(DEFAULT_PATH_POLICY, deps.logger.child({ component: 'paths' }));
   }
 
-  /** The VolumeOpener for disks with `volume`. */
-  async open(disk: DiskConfig): Promise<Volume> {
+  /** The VolumeOpener for disks with `volume`; `vm` gives the VM's affinity, priority and onUnreachable. */
+  async open(disk: DiskConfig, vm?: VmConfig): Promise<Volume> {
     const spec = disk.volume;
     if (!spec) throw new Error(`disk ${disk.name} has no volume`);
     const log = this.deps.logger.child({ volume: spec.name });
@@ -155,8 +223,10 @@ export class RemoteDisks {
       states[r.node] = l && l !== 'in-sync' ? l : r.state;
     }
 
+    const vmName = vm?.name;
+    const priority = vm?.pathPriority ?? 'normal';
     const replicas: ReplicaVolume[] = await Promise.all(
-      record.replicas.map((r) => this.openReplica(nodes.get(r.node)!, r.export ?? spec.name, spec, size, log)),
+      record.replicas.map((r) => this.openReplica(nodes.get(r.node)!, r.export ?? spec.name, spec, size, log, vmName, priority)),
     );
     await mkdir(path.join(this.deps.stateDir, 'volumes'), { recursive: true, mode: 0o700 });
     const drl = await DirtyRegionLog.open(path.join(this.deps.stateDir, 'volumes', `${fileKey(spec.name)}.drl`), {
@@ -177,7 +247,7 @@ export class RemoteDisks {
       const [node] = await resolver.chooseNodes(1, { size, exclude: cur.replicas.map((r) => r.node) });
       if (!node) throw new Error('no node to rebuild on');
       await this.nodeCall(node, 'volume.create', { name: spec.name, size });
-      const replica = await this.openReplica(node, spec.name, spec, size, log);
+      const replica = await this.openReplica(node, spec.name, spec, size, log, vmName, priority);
       await this.updateRecord(
         spec.name,
         (rec) => ({ ...rec, replicas: rec.replicas.map((r) => (r.node === failed ? { node: node.id, state: 'rebuilding' as const } : r)) }),
@@ -186,7 +256,14 @@ export class RemoteDisks {
       log.warn({ failed, replacement: node.id }, 'replica replaced: rebuilding on another node');
       return replica;
     };
-    return new ServedReplicatedVolume({
+    const u = vm?.onUnreachable;
+    // pause without a QMP socket cannot pause: it queues (warned once here).
+    const action = u?.action === 'pause' && !vm?.qmp ? 'queue' : (u?.action ?? 'queue');
+    if (u?.action === 'pause' && !vm?.qmp) log.warn({ vm: vmName }, 'onUnreachable pause needs vms[].qmp; requests queue instead');
+    // queue/fail: the replicated layer's bounded wait is the queue, failAfterMs its bound.
+    // pause: requests wait while the VM is being stopped, then go back to QEMU (suspend.ts).
+    const waitMs = u?.failAfterMs ?? spec.waitTimeoutMs;
+    const rep = new ServedReplicatedVolume({
       name: spec.name,
       replicas,
       states,
@@ -194,9 +271,31 @@ export class RemoteDisks {
       persistStates,
       replaceReplica,
       rebuildAfterMs: spec.rebuildAfterMs,
-      waitMs: spec.waitTimeoutMs,
+      waitMs,
       logger: log,
     });
+    if (!vm) return rep;
+    let entry = this.suspenders.get(vm.name);
+    if (!entry) {
+      const control = action === 'pause' && vm.qmp ? new QmpVmControl(vm.qmp) : undefined;
+      entry = { s: new VmSuspender({ vm: vm.name, action, ...(control ? { control } : {}), logger: this.deps.logger.child({ component: 'suspend' }) }), ...(control ? { control } : {}) };
+      this.suspenders.set(vm.name, entry);
+    }
+    const { s } = entry;
+    const served = new ServedRemoteDisk(rep, s, action === 'pause', () => {
+      s.removeDisk(disk.name);
+      if (s.empty) {
+        s.close();
+        entry.control?.close();
+        if (this.suspenders.get(vm.name) === entry) this.suspenders.delete(vm.name);
+      }
+    });
+    s.addDisk({
+      name: disk.name,
+      reachable: () => rep.status().some((r) => r.state === 'in-sync' && r.up),
+      ...(action === 'pause' ? { gate: served } : {}),
+    });
+    return served;
   }
 
   private async nodeCall(n: NodeStatus, method: string, params: unknown): Promise<unknown> {
@@ -229,12 +328,17 @@ export class RemoteDisks {
     }
   }
 
-  private async openReplica(n: NodeStatus, exportName: string, spec: VolumeSpec, size: number, log: Logger): Promise<ReplicaVolume> {
+  private async openReplica(
+    n: NodeStatus, exportName: string, spec: VolumeSpec, size: number, log: Logger, vm: string | undefined, priority: 'normal' | 'high',
+  ): Promise<ReplicaVolume> {
     const opts = {
       id: n.id,
       addresses: n.nbd,
       export: exportName,
       connections: spec.connections,
+      paths: this.paths.forNode(n.id, n.nbd),
+      ...(vm !== undefined ? { vm } : {}),
+      priority,
       logger: log.child({ replica: n.id }),
     };
     try {

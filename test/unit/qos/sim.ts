@@ -60,13 +60,15 @@ const settle = (): Promise<void> => new Promise((r) => setImmediate(r));
 
 export class SimClock implements QosClock {
   t = 0;
+  /** Every timer fires this much late (an event loop busy elsewhere). */
+  lateness = 0;
   private seq = 0;
   private readonly heap = new Heap();
   now(): number {
     return this.t;
   }
   setTimer(fn: () => void, delaySeconds: number): Ev {
-    const e: Ev = { at: this.t + Math.max(0, delaySeconds), seq: this.seq++, fn, cancelled: false };
+    const e: Ev = { at: this.t + Math.max(0, delaySeconds) + this.lateness, seq: this.seq++, fn, cancelled: false };
     this.heap.push(e);
     return e;
   }
