@@ -67,7 +67,25 @@ export function renderStatus(s: DaemonStatus): string {
       ]);
     }
   }
-  return out + renderTable(rows) + renderQosTable(s, renderTable);
+  return out + renderTable(rows) + renderQosTable(s, renderTable) + renderPaths(s);
+}
+
+/** Suspended VMs, then the paths to storage nodes (only when there are remote volumes). */
+export function renderPaths(s: DaemonStatus): string {
+  let out = '';
+  for (const vm of s.vms) {
+    const u = vm.suspended;
+    if (!u) continue;
+    out += `VM ${vm.name} SUSPENDED since ${u.since}: no reachable replica for ${u.disks.join(', ')}; ${u.paused ? 'paused over QMP by vstore' : u.action === 'fail' ? 'requests fail after failAfterMs' : 'requests queued'}\n`;
+  }
+  const ps = s.paths ?? [];
+  if (ps.length === 0) return out;
+  const rows = [['NODE', 'PATH', 'STATE', 'INFLIGHT', 'SVC-MS', 'READS', 'WRITES', 'READ', 'WRITTEN', 'ERRORS', 'FAILOVERS', 'DOWNS', 'VMS', 'NOTE']];
+  for (const p of ps) {
+    const note = p.heldUntil ? `held ${Math.max(0, Math.ceil((p.heldUntil - Date.now()) / 1000))}s (flapping)` : p.awaitingFailback ? 'healthy, awaiting failback' : (p.reason ?? '');
+    rows.push([p.node, p.id, p.state, String(p.inflight), p.serviceTimeMs.toFixed(2), String(p.reads), String(p.writes), formatBytes(p.bytesRead), formatBytes(p.bytesWritten), String(p.errors), String(p.failovers), String(p.downs), p.vms.join(',') || '-', note]);
+  }
+  return out + renderTable(rows);
 }
 
 /** Each replica as NODE:STATE, with `down`, dirty bytes and resync progress when there are any. */
