@@ -7,6 +7,7 @@
  *   RPC methods: node.info, volume.create {name, size, grow?}, volume.grow {name, size},
  *   volume.delete {name, force?}, volume.list, volume.stat {name}. Errors carry errno-like codes
  *   (EINVAL, ENOENT, EEXIST, EBUSY, ENOSPC, ESHUTDOWN ...).
+ *   Shared directories (DATA/dirs/<path>) on the same RPC: dir.* and fs.* (see dirs.ts).
  *
  * Every export's volume is one OrderedVolume over the FileVolume, shared by every connection of
  * the export, so overlapping writes from several connections keep their order and a flush on
@@ -32,6 +33,7 @@ import { formatAddress, parseAddress, prepareSocket } from '../net/address.js';
 import { checkNodeId, type NodeRecord, type ResolverStore } from '../resolver/types.js';
 import { RpcServer, type RpcHandlers } from '../rpc/index.js';
 import { fsyncDir, VolumeStore, type VolumeInfo } from './volumes.js';
+import { NodeDirs, type OpenTree } from './dirs.js';
 
 export const DEFAULT_LEASE_TTL_MS = 10_000;
 /** How long stop() waits for the resolver to take the deregistration. */
@@ -56,6 +58,8 @@ export interface StorageNodeOptions {
   resolverTimeoutMs?: number;
   /** FileVolume engine (default FileVolume's: io_uring where available). */
   engine?: FileEngine;
+  /** How a share directory's FileTree is opened (default LocalFileTree confined to it). */
+  openTree?: OpenTree;
   logger: Logger;
 }
 
@@ -67,6 +71,8 @@ export interface NodeInfo {
   free: number;
   zone?: string;
   volumes: number;
+  /** Shared directories on this node. */
+  dirs: number;
 }
 
 function formatNbd(a: NbdListenAddress): string {
@@ -113,6 +119,12 @@ export async function stableNodeId(data: string): Promise<string> {
   return id;
 }
 
+/** The default tree of a share: LocalFileTree confined to the directory (loaded when first needed). */
+const openLocalTree: OpenTree = async (root) => {
+  const { LocalFileTree } = await import('../fs/local.js');
+  return LocalFileTree.open(root);
+};
+
 function param(p: unknown): Record<string, unknown> {
   if (typeof p !== 'object' || p === null || Array.isArray(p)) throw new VolumeError('EINVAL', 'params must be an object');
   return p as Record<string, unknown>;
@@ -138,6 +150,8 @@ export class StorageNode {
   readonly id: string;
   readonly zone: string | undefined;
   readonly store: VolumeStore;
+  /** Shared directories served over the same RPC (dirs.ts). */
+  readonly dirs: NodeDirs;
   private readonly logger: Logger;
   private readonly nbdServer: NbdServer;
   private readonly rpc: RpcServer;
@@ -165,7 +179,12 @@ export class StorageNode {
     this.heartbeatMs = opts.heartbeatMs ?? Math.max(1, Math.floor(this.leaseTtlMs / 3));
     this.resolverTimeoutMs = opts.resolverTimeoutMs ?? Math.min(this.heartbeatMs, 5_000);
     this.nbdServer = new NbdServer({ logger: opts.logger });
-    this.rpc = new RpcServer({ logger: opts.logger, handlers: this.handlers() });
+    this.dirs = new NodeDirs({ data: path.resolve(opts.data), logger: opts.logger, openTree: opts.openTree ?? openLocalTree });
+    this.rpc = new RpcServer({
+      logger: opts.logger,
+      handlers: { ...this.handlers(), ...this.dirs.handlers() },
+      onDisconnect: (c) => this.dirs.disconnect(c.conn),
+    });
     store.setExporter({
       connections: (name) => this.connections(name),
       unexport: (name) => this.unexport(name),
@@ -238,6 +257,7 @@ export class StorageNode {
       free: space.free,
       ...(this.zone !== undefined ? { zone: this.zone } : {}),
       volumes: vols.length,
+      dirs: (await this.dirs.list()).length,
     };
   }
 
@@ -295,6 +315,7 @@ export class StorageNode {
       }
     }
     await this.rpc.close();
+    await this.dirs.close().catch((e: unknown) => this.logger.warn({ err: (e as Error).message }, 'node: closing the directories failed'));
     await this.queue.catch(() => {});
     // removeExport drains each export and disconnects its clients at once; close() alone would
     // wait for the listeners' close callbacks, which come only after every connection has ended.
