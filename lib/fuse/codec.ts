@@ -731,19 +731,25 @@ function writeDirent(b: Buffer, off: number, e: DirEntry): number {
   return padded;
 }
 
+/** How many leading entries fit in `maxSize` bytes, and their size. */
+function fit(entries: readonly DirEntry[], maxSize: number, sizeOf: (nameLength: number) => number): { total: number; count: number } {
+  let total = 0;
+  let count = 0;
+  for (const e of entries) {
+    const s = sizeOf(e.name.length);
+    if (total + s > maxSize) break;
+    total += s;
+    count++;
+  }
+  return { total, count };
+}
+
 /**
  * Packs READDIR entries into at most `maxSize` bytes (each 8-byte aligned). Returns the buffer
  * and how many entries fit; the rest are for the next call (from the last packed `offset`).
  */
 export function packDirents(entries: readonly DirEntry[], maxSize: number): { buf: Buffer; count: number } {
-  let total = 0;
-  let count = 0;
-  for (const e of entries) {
-    const s = direntSize(e.name.length);
-    if (total + s > maxSize) break;
-    total += s;
-    count++;
-  }
+  const { total, count } = fit(entries, maxSize, direntSize);
   const buf = Buffer.allocUnsafe(total);
   let off = 0;
   for (let i = 0; i < count; i++) off = writeDirent(buf, off, entries[i]!);
@@ -755,14 +761,7 @@ export function packDirents(entries: readonly DirEntry[], maxSize: number): { bu
  * "..") goes out with a zero entry_out, which the kernel skips for lookups.
  */
 export function packDirentsPlus(entries: readonly DirEntryPlus[], maxSize: number, t: Ttls): { buf: Buffer; count: number } {
-  let total = 0;
-  let count = 0;
-  for (const e of entries) {
-    const s = direntPlusSize(e.name.length);
-    if (total + s > maxSize) break;
-    total += s;
-    count++;
-  }
+  const { total, count } = fit(entries, maxSize, direntPlusSize);
   const buf = Buffer.allocUnsafe(total);
   let off = 0;
   for (let i = 0; i < count; i++) {

@@ -61,6 +61,16 @@ async function mount(src: string, mnt: string, ...args: string[]): Promise<Mount
   };
 }
 
+/** A temp dir with `src` (the shared directory) and `mnt` (the mountpoint). */
+function shareDirs(prefix: string): { dir: string; src: string; mnt: string } {
+  const dir = tempDir(prefix);
+  const src = path.join(dir, 'src');
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(src);
+  fs.mkdirSync(mnt);
+  return { dir, src, mnt };
+}
+
 const sh = (script: string, opts: { check?: boolean; cwd?: string } = {}) => run('sh', ['-c', script], { timeoutMs: 60_000, ...opts });
 const py = (code: string, ...args: string[]) => run('python3', ['-c', code, ...args], { timeoutMs: 30_000, check: false });
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -73,11 +83,7 @@ describe('vstore mount: POSIX semantics through the kernel', () => {
 
   beforeAll(async () => {
     requireCommands('cp', 'mv', 'ln', 'stat', 'setfattr', 'getfattr', 'flock', 'python3', 'truncate', 'fallocate', 'dd', 'cmp', 'du', 'touch');
-    dir = tempDir('vfuse-');
-    src = path.join(dir, 'src');
-    mnt = path.join(dir, 'mnt');
-    fs.mkdirSync(src);
-    fs.mkdirSync(mnt);
+    ({ dir, src, mnt } = shareDirs('vfuse-'));
     m = await mount(src, mnt);
     expect(isMounted(mnt)).toBe(true);
   }, 30_000);
@@ -353,11 +359,7 @@ describe('vstore mount: POSIX semantics through the kernel', () => {
 
 describe('vstore mount --read-only, and the end of a mount', () => {
   it('refuses every write with EROFS, reads work; an external umount ends the process with 0', async () => {
-    const dir = tempDir('vfuse-ro-');
-    const src = path.join(dir, 'src');
-    const mnt = path.join(dir, 'mnt');
-    fs.mkdirSync(src);
-    fs.mkdirSync(mnt);
+    const { src, mnt } = shareDirs('vfuse-ro-');
     fs.writeFileSync(path.join(src, 'keep'), 'keep');
     const m = await mount(src, mnt, '--read-only');
     try {
@@ -387,11 +389,7 @@ describe('vstore mount --read-only, and the end of a mount', () => {
   }, 30_000);
 
   it('SIGTERM while a file is open: detached lazily, exit 0, the open file then fails ENOTCONN', async () => {
-    const dir = tempDir('vfuse-busy-');
-    const src = path.join(dir, 'src');
-    const mnt = path.join(dir, 'mnt');
-    fs.mkdirSync(src);
-    fs.mkdirSync(mnt);
+    const { src, mnt } = shareDirs('vfuse-busy-');
     fs.writeFileSync(path.join(src, 'f'), 'data');
     const m = await mount(src, mnt);
     const fd = fs.openSync(path.join(mnt, 'f'), 'r');
