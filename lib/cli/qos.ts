@@ -46,8 +46,8 @@ export function applyQosFlags(current: QosSettings, f: Omit<QosFlags, 'control' 
   set(limit, 'iops', rateFlag(f.limitIops, false, '--limit-iops'));
   set(limit, 'bps', rateFlag(f.limitBps, true, '--limit-bps'));
   if (f.burstSeconds !== undefined) limit.burstSeconds = Number(f.burstSeconds);
-  // burstSeconds 0 without a limit is the default, not worth an error
-  if (limit.iops === undefined && limit.bps === undefined && !limit.burstSeconds) delete limit.burstSeconds;
+  // the last limit removed takes its burst along (unless a burst was asked for: then the daemon says why not)
+  else if (limit.iops === undefined && limit.bps === undefined) delete limit.burstSeconds;
   return {
     reservation,
     limit,

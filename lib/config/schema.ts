@@ -162,7 +162,8 @@ export const qosSchema = z
         ctx.addIssue({ code: 'custom', path: ['reservation', dim], message: `must not exceed limit.${dim} (${l[dim]})` });
       }
     }
-    if (l?.burstSeconds !== undefined && l.iops === undefined && l.bps === undefined) {
+    // (0 is the default, and what a resolved config says: it round-trips through GET then PUT)
+    if (l?.burstSeconds && l.iops === undefined && l.bps === undefined) {
       ctx.addIssue({ code: 'custom', path: ['limit', 'burstSeconds'], message: 'needs limit.iops or limit.bps' });
     }
   });
