@@ -27,7 +27,6 @@ import type { Entry, FileTree, FsContext, DirEntryPlus } from '../fs/tree.js';
 import { FsError } from '../fs/errors.js';
 import {
   FuseDecodeError,
-  decodeHeader,
   decodeRequest,
   encodeAttrOut,
   encodeCreateOut,
@@ -483,13 +482,4 @@ function openFlags(r: { directIo?: boolean; keepCache?: boolean }): number {
 
 function errnoOf(name: string): number {
   return (E as Record<string, number>)[name] ?? E.EIO;
-}
-
-/** For transports: the unique of a frame whose header is sound (to answer it), else undefined. */
-export function uniqueOf(frame: Buffer): bigint | undefined {
-  try {
-    return decodeHeader(frame).unique;
-  } catch {
-    return undefined;
-  }
 }

@@ -405,6 +405,30 @@ describe('vstore mount --read-only, and the end of a mount', () => {
   }, 30_000);
 });
 
+describe('vstore mount --uid-map/--gid-map', () => {
+  it('ids in the mount are mapped ids on the host, both ways; unmapped ones are 65534', async () => {
+    const { src, mnt } = shareDirs('vfuse-map-');
+    fs.writeFileSync(path.join(src, 'owned'), '');
+    fs.chownSync(path.join(src, 'owned'), 2005, 3007);
+    const m = await mount(src, mnt, '--uid-map', '1000:2000:10', '--gid-map', '1000:3000:10');
+    try {
+      const st = fs.statSync(path.join(mnt, 'owned'));
+      expect([st.uid, st.gid]).toEqual([1005, 1007]);
+      fs.writeFileSync(path.join(mnt, 'made'), '');
+      fs.chownSync(path.join(mnt, 'made'), 1001, 1002);
+      const host = fs.statSync(path.join(src, 'made'));
+      expect([host.uid, host.gid]).toEqual([2001, 3002]);
+      expect(fs.statSync(path.join(mnt, 'made')).uid).toBe(1001);
+      // A host id in no range shows as nobody.
+      fs.chownSync(path.join(src, 'made'), 4242, 4242);
+      await sleep(1100); // the attribute cache lifetime
+      expect(fs.statSync(path.join(mnt, 'made')).uid).toBe(65534);
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+  }, 30_000);
+});
+
 describe('the engine over LocalFileTree, with frames no kernel would send', () => {
   it('".." of the root is the root, a symlink is never walked through, forged ids and handles fail', async () => {
     const dir = tempDir('vfuse-hostile-');
