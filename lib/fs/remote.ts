@@ -129,6 +129,11 @@ export class RemoteFileTree implements FileTree {
     await this.session();
   }
 
+  /** A session is attached and its connection has not been seen to drop. */
+  get connected(): boolean {
+    return this.sid !== null;
+  }
+
   /** Number of sessions attached so far (1 after the first connect; +1 per reconnect). */
   get sessions(): number {
     return this.gen;
