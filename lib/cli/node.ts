@@ -49,7 +49,7 @@ export function nodeCommand(): Command {
   return new Command('node')
     .summary('run a storage node: volumes over NBD, control over RPC, registered in the resolver')
     .description(
-      'run a storage node in the foreground until SIGTERM/SIGINT: every volume under DIR/volumes (sparse raw files, DIR/volumes/NAME.img) is an NBD export named NAME on every --listen address; volumes are created, grown, listed and deleted over the RPC control addresses; with --resolver the node registers its addresses, capacity and free space with a lease it refreshes every lease/3 (a resolver that cannot be reached is retried while the node keeps serving). FLUSH and FUA writes are answered only after fdatasync. On a signal the node deregisters, drains in-flight requests, flushes the volumes, removes its sockets and exits 0. Two nodes cannot serve the same DIR (DIR/lock).',
+      'run a storage node in the foreground until SIGTERM/SIGINT: every volume under DIR/volumes (sparse raw files, DIR/volumes/NAME.img) is an NBD export named NAME on every --listen address; volumes are created, grown, listed and deleted over the RPC control addresses; with --resolver the node registers its addresses, capacity and free space with a lease it refreshes every lease/3 (a resolver that cannot be reached is retried while the node keeps serving). FLUSH and FUA writes are answered only after fdatasync. Shared directories live under DIR/dirs/<path> and are served to host daemons as file trees over the same control RPC (dir.create/delete/list/stat and one fs.* method per file operation; each connection is a session, confined to its directory). On a signal the node deregisters, drains in-flight requests, flushes the volumes, removes its sockets and exits 0. Two nodes cannot serve the same DIR (DIR/lock).',
     )
     .requiredOption('--data <dir>', 'directory of the node: volumes/, node-id, lock (created if missing)')
     .option('--listen <addr>', 'NBD listen address, repeatable: unix:/path/sock or HOST:PORT (port 0 picks one; see the log)', collect)
@@ -70,7 +70,8 @@ Examples:
 
 The log line "node: serving" gives the bound addresses. Control methods (framed msgpack RPC):
 node.info, volume.create {name, size}, volume.grow {name, size}, volume.delete {name, force?},
-volume.list, volume.stat {name}. A volume is reached as nbd+unix:///NAME?socket=SOCK or
+volume.list, volume.stat {name}; directories: dir.create {path}, dir.delete {path, force?},
+dir.list, dir.stat {path}, fs.attach {path, readOnly?} then fs.lookup, fs.read, ... A volume is reached as nbd+unix:///NAME?socket=SOCK or
 nbd://HOST:PORT/NAME, e.g.
   $ nbdinfo 'nbd+unix:///vm1/disk0?socket=/run/vstore/node1.sock'`,
     )
