@@ -13,8 +13,8 @@
  * `reconnectTimeoutMs` for the node to come back), attaches a new session, re-resolves every live
  * id by lookups from the root (parents first) and re-opens every handle with its flags (without
  * O_CREAT/O_EXCL/O_TRUNC); only then does the call go on. An id whose name is gone (renamed or
- * removed by another host meanwhile, or an unlinked open file) answers ESTALE from then on, as
- * NFS does. POSIX locks die with the node's session and are not taken again: a lock holder across
+ * removed by another host meanwhile, or an unlinked open file) or is another file now (its inode
+ * number differs) answers ESTALE from then on, as NFS does. POSIX locks die with the node's session and are not taken again: a lock holder across
  * a node restart has lost its lock (the node cannot know it was held).
  *
  * Host sessions: the node sees one session per connection, so the host-side sessions that share
@@ -73,6 +73,8 @@ interface RNode {
   /** Lookups the node counted for `remote` in this session. */
   remoteLookups: number;
   gen: number;
+  /** Inode number: a name found again must still be the same file (else the id is stale). */
+  ino: number;
   /** Live children (they need this node's name to be found again). */
   children: number;
 }
@@ -243,6 +245,12 @@ export class RemoteFileTree implements FileTree {
             }
             try {
               const e = await rpc.call<Entry>('fs.lookup', { s: sid, c: rootCtx, p: parent, name: n.name });
+              if (e.attr.ino !== n.ino) {
+                // Another file by that name now (replaced while we were away): not ours.
+                rpc.call('fs.forget', { s: sid, c: rootCtx, n: e.nodeId, nl: 1 }).catch(() => {});
+                stale++;
+                return;
+              }
               n.remote = e.nodeId;
               n.remoteLookups = 1;
               if (!this.byRemote.has(e.nodeId)) this.byRemote.set(e.nodeId, id);
@@ -303,7 +311,7 @@ export class RemoteFileTree implements FileTree {
     }
     const id = this.nextId++;
     // A copy: the name may be a view of a whole RPC frame, which it would keep alive.
-    const n: RNode = { parent: -1, name: Buffer.from(name), nlookup: 1, remote: e.nodeId, remoteLookups: 1, gen: this.gen, children: 0 };
+    const n: RNode = { parent: -1, name: Buffer.from(name), nlookup: 1, remote: e.nodeId, remoteLookups: 1, gen: this.gen, ino: e.attr.ino, children: 0 };
     this.nodes.set(id, n);
     this.byRemote.set(e.nodeId, id);
     this.setName(id, n, parent, n.name);

@@ -90,6 +90,8 @@ interface OpenShare {
 }
 
 const INDEX = 'dirs.json';
+/** Most entries one readdir answers: 255-byte names (plus attributes) stay far below the RPC frame limit. */
+const MAX_DIR_ENTRIES = 4096;
 
 function obj(p: unknown): Record<string, unknown> {
   if (typeof p !== 'object' || p === null || Array.isArray(p)) throw new FsError('EINVAL', 'params must be an object');
@@ -537,11 +539,11 @@ export class NodeDirs {
       }),
       'fs.readdir': fsCall(async (s, ctx, p) => {
         const n = this.node(s, p);
-        return s.tree.readdir(ctx, n, this.fh(s, p, n, true), int(p, 'off'), int(p, 'max', 65536));
+        return s.tree.readdir(ctx, n, this.fh(s, p, n, true), int(p, 'off'), int(p, 'max', MAX_DIR_ENTRIES));
       }),
       'fs.readdirplus': fsCall(async (s, ctx, p) => {
         const n = this.node(s, p);
-        const list: DirEntryPlus[] = await s.tree.readdirplus(ctx, n, this.fh(s, p, n, true), int(p, 'off'), int(p, 'max', 65536));
+        const list: DirEntryPlus[] = await s.tree.readdirplus(ctx, n, this.fh(s, p, n, true), int(p, 'off'), int(p, 'max', MAX_DIR_ENTRIES));
         for (const d of list) if (d.entry) this.entry(s, d.entry);
         return list;
       }),

@@ -323,11 +323,15 @@ describe('RemoteFileTree over the node directory RPC', () => {
     expect((await t.readdir(c, sub.nodeId, dh.fh, 0, 10)).map((d) => d.name.toString())).toContain('g');
     // Something removed behind our back while the node was away is stale, not another file.
     const gone = await writeFile(t, c, ROOT_ID, 'gone', 'x');
+    const replaced = await writeFile(t, c, ROOT_ID, 'replaced', 'old');
     await srv.stop();
     fs.rmSync(path.join(dir, 'gone'));
-    fs.writeFileSync(path.join(dir, 'other'), 'other');
+    fs.writeFileSync(path.join(dir, 'replaced.new'), 'new file');
+    fs.renameSync(path.join(dir, 'replaced.new'), path.join(dir, 'replaced'));
     await srv.start();
     expect(await errno(t.getattr(c, gone))).toBe('ESTALE');
+    expect(await errno(t.getattr(c, replaced))).toBe('ESTALE');
+    expect((await t.lookup(c, ROOT_ID, b('replaced'))).attr.size).toBe(8);
     expect((await t.read(c, id, h.fh, 0, 100)).toString()).toBe('AFTER!');
     // A call in flight when the connection drops fails with EIO (nobody knows if it was done).
     const slow = t.setlk(c, id, h.fh, 5n, { start: 0, end: 1, type: F_WRLCK, pid: 1 }, { wait: false, flock: false });
