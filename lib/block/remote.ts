@@ -135,6 +135,14 @@ export class RemoteVolume extends EventEmitter implements Volume {
   /** Requests retried on another path after their path failed. */
   failovers = 0;
   private keepalive: NodeJS.Timeout | null = null;
+  private readonly onPathHealthy = (p: Path): void => {
+    for (const s of this.slots) {
+      if (s.path !== p || s.conn || s.connecting || !s.timer) continue;
+      clearTimeout(s.timer);
+      s.timer = null;
+      void this.reconnectNow(s);
+    }
+  };
   private readonly onPathChange = (e: PathChangeEvent): void => {
     if (e.path.state !== 'down') return;
     for (const s of this.slots) if (s.path.id === e.path.id && s.conn) s.conn.destroy(`path ${e.path.id} is down: ${e.path.reason ?? ''}`);
@@ -182,6 +190,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     this.high = opts.priority === 'high';
     paths.acquire();
     paths.on('change', this.onPathChange);
+    paths.on('healthy', this.onPathHealthy);
     this.attach(this.slots[0]!, first);
     const every = paths.policy.healthIntervalMs;
     if (every > 0) {
@@ -556,6 +565,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     if (this.closed) return;
     this.closed = true;
     this.nodePaths.off('change', this.onPathChange);
+    this.nodePaths.off('healthy', this.onPathHealthy);
     if (this.keepalive) clearInterval(this.keepalive);
     if (this.opts.vm !== undefined) this.nodePaths.releaseHome(this.opts.vm);
     this.nodePaths.release();
@@ -587,7 +597,8 @@ function connectPath(opts: RemoteVolumeOptions, path: Path, log: Logger): Promis
     address: path.address,
     export: opts.export,
     logger: log,
-    connectTimeoutMs: opts.connectTimeoutMs ?? 5000,
+    // A blackholed path must not keep a slot busy connecting for longer than a request may take.
+    connectTimeoutMs: opts.connectTimeoutMs ?? Math.min(5000, (opts.paths?.policy ?? DEFAULT_PATH_POLICY).requestTimeoutMs),
     timeoutMs: opts.timeoutMs ?? (opts.paths?.policy ?? DEFAULT_PATH_POLICY).requestTimeoutMs,
     maxInflight: opts.maxInflightPerConnection ?? 64,
     ...(path.source !== undefined ? { localAddress: path.source } : {}),

@@ -125,7 +125,11 @@ export class NodePaths extends EventEmitter {
       await Promise.all(
         this.paths.filter((p) => p.state !== 'up').map((p) =>
           this.prober(p.address, p.source, this.policy.probeTimeoutMs).then(
-            () => p.healthy(),
+            () => {
+              p.healthy();
+              // Volumes reconnect to it now rather than at the end of their backoff.
+              this.emit('healthy', p);
+            },
             (e: unknown) => p.transportError(`probe: ${(e as Error).message}`),
           ),
         ),
