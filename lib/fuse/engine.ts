@@ -243,6 +243,14 @@ export class FuseEngine {
     await this.tree.endSession(this.session).catch((e: unknown) => this.log.error({ err: e }, 'fuse: endSession failed'));
   }
 
+  /**
+   * A device reset (virtio-fs: the front end reset the device or went away): `end()` without
+   * waiting. The next INIT starts a new session under the same name.
+   */
+  reset(): void {
+    void this.end();
+  }
+
   private acquire(): Promise<void> | void {
     if (this.running < this.maxInFlight) {
       this.running++;

@@ -297,6 +297,20 @@ describe('FuseEngine', () => {
     expect(tree.calls.filter((c) => c[0] === 'endSession')).toEqual([['endSession', 's1']]);
   });
 
+  it('reset() (a virtio-fs device reset) ends the session; a new INIT starts another', async () => {
+    const tree = stubTree();
+    const e = await started(tree);
+    e.reset();
+    await new Promise((r) => setImmediate(r));
+    expect(tree.calls.filter((c) => c[0] === 'endSession').length).toBe(1);
+    expect(parse(await e.handle(F.getattr(h(5)))).error).toBe(-E.EIO);
+    expect(parse(await e.handle(F.init(h()))).error).toBe(0);
+    expect(parse(await e.handle(F.getattr(h(5)))).error).toBe(0);
+    e.reset();
+    await new Promise((r) => setImmediate(r));
+    expect(tree.calls.filter((c) => c[0] === 'endSession').length).toBe(2);
+  });
+
   it('fuzz: mutated frames never make handle() reject, and every reply is well formed for its unique', async () => {
     const e = await started(stubTree());
     const seeds = corpus();
