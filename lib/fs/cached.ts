@@ -28,18 +28,31 @@ import { FsError, isFsError } from './errors.js';
 import { FileTreeLayer } from './layer.js';
 import type { Attr, CreateResult, DirEntryPlus, Entry, FileTree, FsContext, OpenResult, SetAttr } from './tree.js';
 
-/** Where file data blocks are kept: RAM now (`MemoryDataCache`), the host's cache device later. */
+type MaybePromise<T> = T | Promise<T>;
+
+/**
+ * Where file data blocks are kept: RAM now (`MemoryDataCache`), the host's cache device later
+ * (hence the methods may answer with promises). Operations on one file must take effect in the
+ * order they are called: a `dropFile` hides every block `set` before it from a later `get`.
+ * Failures of `set`/`drop` are ignored by the tree (a cache may lose blocks), `dropFile` must not
+ * fail (a dropped file must never be served).
+ */
 export interface DataCache {
   /** A block of a file, or undefined. `file` identifies the file within one tree. */
-  get(file: number, block: number): Buffer | undefined;
+  get(file: number, block: number): MaybePromise<Buffer | undefined>;
   /** Stores a block (at most the block size; shorter only for the block holding end of file). */
-  set(file: number, block: number, data: Buffer): void;
+  set(file: number, block: number, data: Buffer): MaybePromise<void>;
   /** Drops one block. */
-  drop(file: number, block: number): void;
+  drop(file: number, block: number): MaybePromise<void>;
   /** Drops every block of a file. */
-  dropFile(file: number): void;
+  dropFile(file: number): MaybePromise<void>;
   /** Bytes held now. */
   readonly bytes: number;
+}
+
+/** Runs a cache operation whose completion nobody waits for (a RAM cache completes at once). */
+function background(p: MaybePromise<void>): void {
+  if (p instanceof Promise) p.catch(() => {});
 }
 
 /**
@@ -243,7 +256,7 @@ export class CachedFileTree extends FileTreeLayer {
 
   /** The file's data changed in a way the cache cannot follow: drop it. */
   private dropData(nodeId: number): void {
-    this.data.dropFile(nodeId);
+    background(this.data.dropFile(nodeId));
     const f = this.files.get(nodeId);
     if (f) {
       f.epoch++;
@@ -288,7 +301,7 @@ export class CachedFileTree extends FileTreeLayer {
     this.counts.delete(nodeId);
     this.attrs.delete(nodeId);
     this.files.delete(nodeId);
-    this.data.dropFile(nodeId);
+    background(this.data.dropFile(nodeId));
     this.inner.forget(nodeId, c.lower);
   }
 
@@ -406,7 +419,7 @@ export class CachedFileTree extends FileTreeLayer {
     const blocks: Buffer[] = [];
     const missing: number[] = [];
     for (let b = first; b <= last; b++) {
-      const got = this.data.get(nodeId, b);
+      const got = await this.data.get(nodeId, b);
       if (got) blocks[b - first] = got;
       else missing.push(b);
     }
@@ -418,7 +431,7 @@ export class CachedFileTree extends FileTreeLayer {
           const data = await this.inner.read(ctx, nodeId, fh, b * bs, bs);
           blocks[b - first] = data;
           if (f.epoch === epoch && this.files.get(nodeId) === f) {
-            this.data.set(nodeId, b, data);
+            background(this.data.set(nodeId, b, data));
             if (data.length < bs) f.short.add(b);
           }
         }),
@@ -461,7 +474,7 @@ export class CachedFileTree extends FileTreeLayer {
       this.dropData(nodeId); // the node chose the offset (end of file)
       return n;
     }
-    this.patch(nodeId, f, offset, data.subarray(0, n));
+    await this.patch(nodeId, f, offset, data.subarray(0, n));
     return n;
   }
 
@@ -471,24 +484,24 @@ export class CachedFileTree extends FileTreeLayer {
    * block is replaced by a patched copy, never changed in place: earlier reads may have handed
    * views of it to replies not sent yet (copying one block is the price of that).
    */
-  private patch(nodeId: number, f: FileState, offset: number, data: Buffer): void {
+  private async patch(nodeId: number, f: FileState, offset: number, data: Buffer): Promise<void> {
     const bs = this.blockSize;
     const end = offset + data.length;
     for (const b of [...f.short]) {
-      const blk = this.data.get(nodeId, b);
+      const blk = await this.data.get(nodeId, b);
       if (!blk || b * bs + blk.length < end) {
-        this.data.drop(nodeId, b);
+        await this.data.drop(nodeId, b);
         f.short.delete(b);
       }
     }
     for (let b = Math.floor(offset / bs); b * bs < end; b++) {
-      const blk = this.data.get(nodeId, b);
+      const blk = await this.data.get(nodeId, b);
       if (!blk) continue;
       const from = Math.max(offset, b * bs);
       const to = Math.min(end, (b + 1) * bs);
       const copy = Buffer.from(blk);
       data.copy(copy, from - b * bs, from - offset, to - offset);
-      this.data.set(nodeId, b, copy);
+      await this.data.set(nodeId, b, copy);
     }
   }
 
@@ -549,7 +562,7 @@ export class CachedFileTree extends FileTreeLayer {
     this.attrs.clear();
     this.entries.clear();
     this.counts.clear();
-    for (const id of this.files.keys()) this.data.dropFile(id);
+    for (const id of this.files.keys()) background(this.data.dropFile(id));
     this.files.clear();
     await this.inner.close();
   }

@@ -180,10 +180,18 @@ export class NodeDirs {
     return this.serial(async () => {
       const index = await this.loadIndex();
       if (index.has(name)) {
-        await this.checkReal(name, dir);
-        return { path: name, created: false };
+        const there = await fsp.lstat(dir).then(
+          () => true,
+          () => false,
+        );
+        if (there) {
+          await this.checkReal(name, dir);
+          return { path: name, created: false };
+        }
+        this.logger.warn({ dir: name }, 'dirs: a share in the index has no directory (removed by hand?); creating it empty');
       }
       for (const other of index) {
+        if (other === name) continue;
         if (name.startsWith(`${other}/`) || other.startsWith(`${name}/`)) {
           throw new FsError('EEXIST', `${name}: shares do not nest on one node (${other} is a share here)`);
         }
