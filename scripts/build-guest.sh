@@ -47,7 +47,7 @@ if [ "$FORCE" = 0 ] && [ -f "$OUT/VERSION" ] && [ "$(cat "$OUT/VERSION")" = "$ST
   exit 0
 fi
 
-for cmd in apt-get dpkg depmod modprobe cpio gzip busybox mke2fs ldd; do
+for cmd in apt-get dpkg depmod modprobe cpio gzip busybox mke2fs ldd flock setfattr getfattr; do
   command -v "$cmd" >/dev/null || { echo "build-guest: missing $cmd (run scripts/setup.sh)" >&2; exit 1; }
 done
 
@@ -116,6 +116,11 @@ copy_bin "$(command -v mke2fs)" sbin/mke2fs
 ln -s mke2fs "$IR/sbin/mkfs.ext2"
 ln -s mke2fs "$IR/sbin/mkfs.ext4"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IR/etc/mke2fs.conf"
+# util-linux's flock and attr's setfattr/getfattr (busybox has neither): the virtiofs tests take
+# locks and set xattrs from the guest. Called by full path, like mke2fs.
+for tool in flock setfattr getfattr; do
+  copy_bin "$(command -v "$tool")" "usr/bin/$tool"
+done
 # /lib64 on Debian is a real dir holding the loader; keep the path the binaries were linked with.
 
 cat > "$IR/init" <<'EOF'

@@ -4,6 +4,8 @@ import { loadConfig } from '../config/load.js';
 import { LOG_LEVELS } from '../config/schema.js';
 import { Daemon, formatHostPort } from '../daemon/daemon.js';
 import { createVhostBlkServer } from '../daemon/vhost.js';
+import { shareServerFactory } from '../daemon/virtiofs.js';
+import { qemuMemoryArgs, shareQemuArgs } from '../config/shares.js';
 import { createLogger } from '../log.js';
 import { NbdServer } from '../nbd/server.js';
 import { diskEndpoints } from './client.js';
@@ -37,6 +39,7 @@ Logs are JSON lines (pino) on stderr.`,
         logger,
         createServer: (o) => new NbdServer(o),
         createVhostServer: createVhostBlkServer,
+        shareServers: shareServerFactory,
         version: packageVersion(),
         baseDir: path.dirname(path.resolve(opts.config)),
       });
@@ -64,6 +67,12 @@ Logs are JSON lines (pino) on stderr.`,
         for (const vm of st.vms) {
           for (const d of vm.disks) {
             for (const at of diskEndpoints(d)) process.stdout.write(`vstore: ${vm.name}/${d.name}: ${d.file} on ${at}\n`);
+          }
+          const shares = vm.shares ?? [];
+          for (const sh of shares) process.stdout.write(`vstore: ${vm.name} share ${sh.tag}: ${sh.source} on ${sh.socket}; in the guest: ${sh.mount}\n`);
+          if (shares.length > 0) {
+            const args = [...qemuMemoryArgs('<RAM size>'), ...shares.flatMap((sh, i) => shareQemuArgs(sh, i))];
+            process.stdout.write(`vstore: ${vm.name} QEMU arguments for its shares: ${args.join(' ')}\n`);
           }
         }
         const tcp = (st.tcpAddresses ?? []).map((a) => formatHostPort(a.host, a.port)).join(', ');

@@ -515,7 +515,13 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
 }
 
 export function resolveVm(v: z.output<typeof vmSchema>, ctx: ResolveContext): VmConfig {
-  return { name: v.name, ...resolveVmPaths(v, ctx), disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)), ...(v.qos ? { qos: resolveQos(v.qos) } : {}) };
+  return {
+    name: v.name,
+    ...resolveVmPaths(v, ctx),
+    disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)),
+    shares: (v.shares ?? []).map((sh) => resolveShare(v.name, sh, ctx)),
+    ...(v.qos ? { qos: resolveQos(v.qos) } : {}),
+  };
 }
 
 /** A VM's qos block with the defaults filled. */
@@ -541,7 +547,12 @@ export function parseQos(data: unknown, source?: string): QosSettings {
  * Checks what the schema cannot see field by field: resolved socket paths fit in sun_path and
  * no two disks share a socket (within `vms`, and against `taken`, the sockets already in use).
  */
-export function checkResolved(vms: VmConfig[], prefixOf: (vm: number, disk: number) => string, taken = new Set<string>()): string[] {
+export function checkResolved(
+  vms: VmConfig[],
+  prefixOf: (vm: number, disk: number) => string,
+  taken = new Set<string>(),
+  sharePrefixOf: (vm: number) => string = (i) => `vms[${i}].shares`,
+): string[] {
   const problems: string[] = [];
   const used = new Map<string, string>();
   vms.forEach((vm, i) =>
@@ -557,6 +568,16 @@ export function checkResolved(vms: VmConfig[], prefixOf: (vm: number, disk: numb
         used.set(socket, `${vm.name}/${d.name}${field === 'nbd.socket' ? '' : ` (${field})`}`);
       }),
     ),
+  );
+  vms.forEach((vm, i) =>
+    vm.shares.forEach((sh) => {
+      const where = `${sharePrefixOf(i)}[${vm.shares.indexOf(sh)}].socket`;
+      if (Buffer.byteLength(sh.socket) > MAX_SOCKET_PATH) problems.push(`${where}: socket path ${sh.socket} is longer than ${MAX_SOCKET_PATH} bytes (set socket or a shorter runDir)`);
+      const other = used.get(sh.socket);
+      if (other) problems.push(`${where}: socket ${sh.socket} is also used by ${other}`);
+      else if (taken.has(sh.socket)) problems.push(`${where}: socket ${sh.socket} is already in use`);
+      used.set(sh.socket, `${vm.name} share ${sh.tag}`);
+    }),
   );
   return problems;
 }
@@ -640,7 +661,7 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
 export function parseVm(data: unknown, ctx: ResolveContext, source?: string): VmConfig {
   const v = validate(vmSchema, data, { source });
   const vm = resolveVm(v, ctx);
-  const problems = checkResolved([vm], (_i, j) => `disks[${j}]`);
+  const problems = checkResolved([vm], (_i, j) => `disks[${j}]`, undefined, () => 'shares');
   if (problems.length) throw new ConfigError(problems, source);
   return vm;
 }
@@ -648,7 +669,7 @@ export function parseVm(data: unknown, ctx: ResolveContext, source?: string): Vm
 /** Validates and resolves one disk object of VM `vmName` (a control request, `vstore disk add`). */
 export function parseDisk(vmName: string, data: unknown, ctx: ResolveContext, source?: string): DiskConfig {
   const d = resolveDisk(vmName, validate(diskSchema, data, { source }), ctx);
-  const problems = checkResolved([{ name: vmName, disks: [d] }], () => 'disk');
+  const problems = checkResolved([{ name: vmName, disks: [d], shares: [] }], () => 'disk');
   if (problems.length) throw new ConfigError(problems.map((p) => p.replace(/^disk\./, '')), source);
   return d;
 }

@@ -24,6 +24,7 @@ import { ControlServer, type DaemonStatus } from './control.js';
 import { RemoteDisks } from './remote.js';
 import { PathTable } from '../paths/node-paths.js';
 import { DEFAULT_PATH_POLICY } from '../paths/policy.js';
+import type { ShareDeps, ShareServerFactory } from './virtiofs.js';
 import { RegistryError, VmRegistry, type NbdServerFactory, type NbdServerLike, type VhostServerFactory, type VolumeOpener } from './registry.js';
 
 export interface DaemonDeps {
@@ -31,6 +32,11 @@ export interface DaemonDeps {
   createServer: NbdServerFactory;
   /** vhost-user-blk servers (lib/daemon/vhost.ts); without it, disks with vhostUser are refused. */
   createVhostServer?: VhostServerFactory;
+  /**
+   * virtiofs servers of shares (lib/daemon/virtiofs.ts's shareServerFactory), built once the
+   * resolver is up; without it, VMs with shares are refused.
+   */
+  shareServers?: (deps: ShareDeps) => ShareServerFactory;
   /** Default: FileVolume over the disk's file (created sparse when `size` is set and it is missing). */
   openVolume?: VolumeOpener;
   version?: string;
@@ -127,6 +133,9 @@ export class Daemon {
         return remote.open(d, vm);
       },
       ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
+      ...(this.deps.shareServers
+        ? { createShareServer: this.deps.shareServers({ logger: logger.child({ component: 'shares' }), ...(this.resolver ? { resolver: this.resolver } : {}), nodesCache: new Map() }) }
+        : {}),
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
     });
     this.registry = registry;

@@ -17,6 +17,8 @@ import path from 'node:path';
 import { OrderedVolume } from '../block/ordering.js';
 import type { Volume } from '../block/volume.js';
 import { diskSockets, diskSource, type DiskConfig, type VmConfig } from '../config/schema.js';
+import { shareMountCommand, shareQemuArgs, type ShareConfig } from '../config/shares.js';
+import type { RunningShare, ShareCounters, ShareServerFactory } from './virtiofs.js';
 import type { Logger } from '../log.js';
 import { prepareSocket as prepareNetSocket, SocketConflictError } from '../net/address.js';
 import type { NbdExportSpec, NbdListenAddress, NbdServerOptions, NbdServerStats } from '../nbd/api.js';
@@ -132,9 +134,22 @@ export interface DiskStatus extends DiskCounters {
   vhostUser?: { socket: string; queues: number } & VhostUserCounters;
 }
 
+export interface ShareStatus extends ShareCounters {
+  tag: string;
+  /** `dir PATH` (this host) or `path NAME on NODE` (a storage node). */
+  source: string;
+  target: string;
+  readOnly: boolean;
+  socket: string;
+  queues: number;
+  /** The guest's mount command. */
+  mount: string;
+}
+
 export interface VmStatus {
   name: string;
   disks: DiskStatus[];
+  shares: ShareStatus[];
   /** A disk of the VM has no reachable replica: its I/O queues, or the daemon paused it (lib/paths/suspend.ts). */
   suspended?: SuspendStatus;
   /** The VM's service level and measured rates (absent when the daemon runs without QoS). */
@@ -157,6 +172,8 @@ interface Disk {
 interface Vm {
   name: string;
   disks: Map<string, Disk>;
+  /** Shares being served, by tag (started after the disks, stopped before them). */
+  shares: Map<string, RunningShare>;
   /** The VM's flow in the host scheduler: every disk's QosVolume submits to it. */
   flow?: QosFlow;
 }
@@ -171,6 +188,8 @@ export interface RegistryDeps {
   tcpServer?: NbdServerLike;
   /** The host-wide QoS scheduler (none: disks are served without a QoS layer). */
   qos?: QosScheduler;
+  /** virtiofs servers of shares (none: VMs with shares are refused). */
+  createShareServer?: ShareServerFactory;
 }
 
 const ZERO: DiskCounters = { connections: 0, inflight: 0, reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
@@ -201,18 +220,20 @@ export class VmRegistry {
       this.open();
       if (this.vms.has(vm.name)) throw new RegistryError(409, `VM "${vm.name}" already exists`);
       this.checkSockets(vm.disks, (j) => `disks[${j}].`);
+      this.checkShareSockets(vm.shares ?? []);
       this.vmConfigs.set(vm.name, vm);
       if (vm.qos && !this.deps.qos) throw new RegistryError(400, 'qos: QoS is disabled on this daemon (qos.enabled: false)');
-      const entry: Vm = { name: vm.name, disks: new Map(), ...(this.deps.qos ? { flow: this.deps.qos.addFlow(vm.name, vm.qos ?? DEFAULT_QOS) } : {}) };
+      const entry: Vm = { name: vm.name, disks: new Map(), shares: new Map(), ...(this.deps.qos ? { flow: this.deps.qos.addFlow(vm.name, vm.qos ?? DEFAULT_QOS) } : {}) };
       this.vms.set(vm.name, entry);
       try {
         for (const [j, d] of vm.disks.entries()) await this.startDisk(entry, d, `disks[${j}]`);
+        for (const [j, sh] of (vm.shares ?? []).entries()) await this.startShare(entry, sh, `shares[${j}]`);
       } catch (e) {
         await this.stopVm(entry);
         this.vms.delete(vm.name);
         throw e;
       }
-      this.deps.logger.info({ vm: vm.name, disks: vm.disks.map((d) => d.name) }, 'VM added');
+      this.deps.logger.info({ vm: vm.name, disks: vm.disks.map((d) => d.name), shares: (vm.shares ?? []).map((sh) => sh.tag) }, 'VM added');
     });
   }
 
@@ -302,6 +323,16 @@ export class VmRegistry {
           ...(vu && d.vhost ? { vhostUser: { socket: vu.socket, queues: vu.queues, ...d.vhost.stats() } } : {}),
         };
       }),
+      shares: [...vm.shares.values()].map((sh) => ({
+        tag: sh.config.tag,
+        source: sh.config.dir !== undefined ? `dir ${sh.config.dir}` : `path ${sh.config.path}${sh.node ? ` on ${sh.node}` : ''}`,
+        target: sh.config.target,
+        readOnly: sh.config.readOnly,
+        socket: sh.config.socket,
+        queues: sh.config.queues,
+        mount: shareMountCommand(sh.config),
+        ...sh.stats(),
+      })),
     }));
   }
 
@@ -386,7 +417,42 @@ export class VmRegistry {
     );
   }
 
+  /** Serves one share over virtiofs; the guest mounts it with `mount -t virtiofs TAG TARGET`. */
+  private async startShare(vm: Vm, config: ShareConfig, where: string): Promise<void> {
+    if (!this.deps.createShareServer) throw new RegistryError(400, `${where}: this daemon cannot serve shares`);
+    let share: RunningShare;
+    try {
+      share = await this.deps.createShareServer(vm.name, config);
+    } catch (e) {
+      const what = config.path !== undefined ? `path ${config.path}` : `dir ${config.dir}`;
+      throw new RegistryError(e instanceof RegistryError ? e.status : 400, `${where}: cannot serve ${what}: ${(e as Error).message}`);
+    }
+    vm.shares.set(config.tag, share);
+    this.deps.logger.info(
+      { vm: vm.name, tag: config.tag, socket: config.socket, node: share.node, qemu: shareQemuArgs(config, vm.shares.size - 1).join(' '), mount: shareMountCommand(config) },
+      'share served',
+    );
+  }
+
+  /** Two shares (or a share and a disk) never share a socket. */
+  private checkShareSockets(shares: ShareConfig[]): void {
+    const inUse = new Map<string, string>();
+    for (const vm of this.vms.values()) {
+      for (const d of vm.disks.values()) for (const s of diskSockets(d.config)) inUse.set(s.socket, `${vm.name}/${d.config.name}`);
+      for (const sh of vm.shares.values()) inUse.set(sh.config.socket, `${vm.name} share ${sh.config.tag}`);
+    }
+    shares.forEach((sh, j) => {
+      const owner = inUse.get(sh.socket);
+      if (owner) throw new RegistryError(409, `shares[${j}].socket: socket ${sh.socket} is already used by ${owner}`);
+    });
+  }
+
   private async stopVm(vm: Vm): Promise<void> {
+    const shares = [...vm.shares.values()];
+    vm.shares.clear();
+    await Promise.all(
+      shares.map((sh) => sh.close().catch((e: unknown) => this.deps.logger.error({ vm: vm.name, share: sh.config.tag, err: e }, 'share did not stop cleanly'))),
+    );
     const disks = [...vm.disks.values()];
     vm.disks.clear();
     await Promise.all(disks.map((d) => this.stopDisk(d)));
