@@ -103,8 +103,8 @@ export interface RpcServerOptions {
   onDisconnect?: (ctx: RpcContext) => void;
   /**
    * Requests of one connection being handled at once; when reached, the server stops reading that
-   * socket until one completes (TCP backpressure reaches the client). Frames already in the chunk
-   * being parsed still start, so the bound is this plus one read's worth. Default 256.
+   * socket until one completes (backpressure reaches the client through the socket buffers).
+   * Requests already read in the same chunk wait in a queue of at most one read's worth. Default 256.
    */
   maxInFlight?: number;
 }
@@ -155,8 +155,25 @@ export class RpcServer {
     const peer = sock.remoteAddress ? `${sock.remoteAddress}:${sock.remotePort}` : 'unix';
     const ctx: RpcContext = { peer, conn: this.nextConn++ };
     let inFlight = 0;
+    /** Requests read while at the bound (bounded: the socket is paused, so at most one chunk's). */
+    const waiting: { id: number; h: RpcHandler; p: unknown }[] = [];
+    const start = (id: number, h: RpcHandler, p: unknown): void => {
+      inFlight++;
+      Promise.resolve()
+        .then(() => h(p, ctx))
+        .then(
+          (r) => this.reply(sock, { i: id, r: r ?? null }),
+          (e: unknown) => this.reply(sock, { i: id, e: { code: errorCode(e), message: (e as Error)?.message ?? String(e) } }),
+        )
+        .finally(done);
+    };
     const done = (): void => {
-      if (--inFlight < this.maxInFlight && sock.isPaused() && !sock.destroyed) sock.resume();
+      inFlight--;
+      while (waiting.length && inFlight < this.maxInFlight && !sock.destroyed) {
+        const w = waiting.shift()!;
+        start(w.id, w.h, w.p);
+      }
+      if (!waiting.length && inFlight < this.maxInFlight && sock.isPaused() && !sock.destroyed) sock.resume();
     };
     const reader = new FrameReader(this.maxFrame, (obj) => {
       if (!isObj(obj) || typeof obj.i !== 'number' || typeof obj.m !== 'string') {
@@ -168,14 +185,13 @@ export class RpcServer {
         this.reply(sock, { i: id, e: { code: 'ENOSYS', message: `unknown method ${obj.m}` } });
         return;
       }
-      if (++inFlight >= this.maxInFlight) sock.pause();
-      Promise.resolve()
-        .then(() => h(obj.p, ctx))
-        .then(
-          (r) => this.reply(sock, { i: id, r: r ?? null }),
-          (e: unknown) => this.reply(sock, { i: id, e: { code: errorCode(e), message: (e as Error)?.message ?? String(e) } }),
-        )
-        .finally(done);
+      if (inFlight >= this.maxInFlight || waiting.length) {
+        waiting.push({ id, h, p: obj.p });
+        sock.pause();
+        return;
+      }
+      start(id, h, obj.p);
+      if (inFlight >= this.maxInFlight) sock.pause();
     });
     sock.on('data', (b: Buffer) => {
       try {
