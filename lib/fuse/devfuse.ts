@@ -155,9 +155,13 @@ export class DevFuseMount {
     }
   }
 
-  /** Reads requests until none is waiting or the engine is full. */
+  /**
+   * Reads one request per readiness callback. uv_poll is level-triggered, so a queue of requests
+   * brings the callback back once per loop turn; reading on until EAGAIN would instead cost a
+   * thrown EAGAIN error (a Node exception with a stack, ~10 us) after nearly every request.
+   */
   private pump(): void {
-    while (!this.ending) {
+    if (!this.ending) {
       if (this.engine.saturated) {
         this.stopWatching();
         return;
@@ -169,7 +173,7 @@ export class DevFuseMount {
         const code = (e as { code?: string }).code;
         if (code === 'EAGAIN' || code === 'EWOULDBLOCK') return;
         // EINTR; ENOENT: the request was interrupted before we read it.
-        if (code === 'EINTR' || code === 'ENOENT') continue;
+        if (code === 'EINTR' || code === 'ENOENT') return;
         if (code === 'ENODEV' || code === 'ECONNABORTED') {
           this.log.info({ mountpoint: this.mountpoint }, 'fuse: unmounted from outside, session over');
           this.mounted = false;

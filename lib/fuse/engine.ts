@@ -140,7 +140,11 @@ export class FuseEngine {
   private readonly ttls: Ttls;
   private decodeOpts: DecodeOptions;
   private conn: Negotiated | undefined;
-  /** In-flight requests by unique, for INTERRUPT. */
+  /**
+   * Interruptible requests in flight, by unique. Only a SETLKW waits for something that an
+   * INTERRUPT can end (every other request completes on its own, which FUSE allows), so only it
+   * pays for an AbortController.
+   */
   private readonly inflight = new Map<bigint, AbortController>();
   private running = 0;
   private readonly waiters: (() => void)[] = [];
@@ -212,15 +216,17 @@ export class FuseEngine {
     }
     if (!this.conn) return [encodeError(req.h.unique, E.EIO)];
     await this.acquire();
-    const ac = new AbortController();
-    const unique = req.h.unique;
-    this.inflight.set(unique, ac);
+    let ac: AbortController | undefined;
+    if (req.kind === 'SETLKW') {
+      ac = new AbortController();
+      this.inflight.set(req.h.unique, ac);
+    }
     try {
-      return await this.dispatch(req, ac.signal);
+      return await this.dispatch(req, ac?.signal);
     } catch (e) {
       return [this.errorReply(req, e)];
     } finally {
-      this.inflight.delete(unique);
+      if (ac) this.inflight.delete(req.h.unique);
       this.release();
     }
   }
@@ -323,7 +329,7 @@ export class FuseEngine {
     return encodeReply(u, [encodeEntryOut(e, this.ttls)]);
   }
 
-  private async dispatch(req: FuseRequest, signal: AbortSignal): Promise<Buffer[]> {
+  private async dispatch(req: FuseRequest, signal: AbortSignal | undefined): Promise<Buffer[]> {
     const u = req.h.unique;
     const t = this.tree;
     const node = req.h.nodeId;
@@ -457,7 +463,7 @@ export class FuseEngine {
         return encodeReply(u, [encodeLkOut(await t.getlk(ctx, node, req.fh, req.owner, req.lock))]);
       case 'SETLK':
       case 'SETLKW':
-        await t.setlk(ctx, node, req.fh, req.owner, req.lock, { wait: req.kind === 'SETLKW', flock: req.flock, signal });
+        await t.setlk(ctx, node, req.fh, req.owner, req.lock, { wait: req.kind === 'SETLKW', flock: req.flock, ...(signal ? { signal } : {}) });
         return encodeReply(u);
       case 'UNSUPPORTED':
         if (this.log.isLevelEnabled('debug')) this.log.debug({ opcode: req.h.opcode, op: OP_NAMES.get(req.h.opcode) }, 'fuse: ENOSYS');
