@@ -201,14 +201,14 @@ function isDotDot(name: Buffer): boolean {
   return name.length === 2 && name[0] === 0x2e && name[1] === 0x2e;
 }
 
-/** Defence in depth behind the FUSE codec: one component of 1..255 bytes without '/' or NUL. */
-function checkName(name: Buffer, allowDots: boolean): void {
+/** Defence in depth behind the FUSE codec: one component of 1..255 bytes without '/' or NUL (shared with MemoryFileTree). */
+export function checkName(name: Buffer, allowDots: boolean): void {
   if (!Buffer.isBuffer(name) || name.length === 0 || name.length > 255) throw new FsError(name?.length > 255 ? 'ENAMETOOLONG' : 'EINVAL', 'bad name');
   if (name.includes(0x2f) || name.includes(0)) throw new FsError('EINVAL', "name contains '/' or NUL");
   if (!allowDots && (isDot(name) || isDotDot(name))) throw new FsError('EINVAL', 'name is . or ..');
 }
 
-function checkCount(n: number, what: string): void {
+export function checkCount(n: number, what: string): void {
   if (!Number.isSafeInteger(n) || n < 0) throw new FsError('EINVAL', `bad ${what}`);
 }
 
@@ -216,7 +216,8 @@ function statKey(st: Float64Array): string {
   return `${st[FS_STAT.devHi]}:${st[FS_STAT.devLo]}:${st[FS_STAT.inoHi]}:${st[FS_STAT.inoLo]}`;
 }
 
-function mapId(id: number, map: IdMapRange[] | undefined, toHost: boolean, overflow: number): number {
+/** Guest -> host (`toHost`) or host -> guest id through a map; outside every range: `overflow`; no map: unchanged. */
+export function mapId(id: number, map: IdMapRange[] | undefined, toHost: boolean, overflow: number): number {
   if (!map || map.length === 0) return id;
   for (const r of map) {
     const from = toHost ? r.guest : r.host;
@@ -224,6 +225,26 @@ function mapId(id: number, map: IdMapRange[] | undefined, toHost: boolean, overf
     if (id >= from && id < from + r.count) return to + (id - from);
   }
   return overflow;
+}
+
+/**
+ * ACCESS for a kernel that sends it (one without default_permissions): owner, group (primary gid
+ * only: a request carries no supplementary groups) or other bits of the guest's view of `attr`;
+ * root may read and write anything and execute what has an execute bit or is a directory. W_OK
+ * on a read-only share is EROFS except for special files (their writes do not reach the share).
+ */
+export function checkAccess(ctx: FsContext, attr: Attr, mask: number, readOnly: boolean): void {
+  if (!Number.isInteger(mask) || mask & ~7) throw new FsError('EINVAL', 'bad access mask');
+  const type = attr.mode & S_IFMT;
+  const special = type === S_IFCHR || type === S_IFBLK || type === S_IFIFO || type === S_IFSOCK;
+  if (mask & 2 && readOnly && !special) throw new FsError('EROFS', 'read-only share');
+  if (mask === 0) return;
+  if (ctx.uid === 0) {
+    if (mask & 1 && type !== S_IFDIR && (attr.mode & 0o111) === 0) throw new FsError('EACCES', 'not executable');
+    return;
+  }
+  const bits = ctx.uid === attr.uid ? (attr.mode >> 6) & 7 : ctx.gid === attr.gid ? (attr.mode >> 3) & 7 : attr.mode & 7;
+  if ((bits & mask) !== mask) throw new FsError('EACCES', 'permission denied');
 }
 
 export class LocalFileTree implements FileTree {
@@ -898,26 +919,9 @@ export class LocalFileTree implements FileTree {
     });
   }
 
-  /**
-   * The one place the tree checks mode bits (for a kernel that sends ACCESS): owner, group
-   * (primary gid only: the request carries no supplementary groups) or other bits of the guest's
-   * view; root may read and write anything and execute what has any execute bit or is a directory.
-   */
+  /** See `checkAccess`: the one place the tree checks mode bits. */
   access(ctx: FsContext, nodeId: number, mask: number): Promise<void> {
-    return this.withNode(ctx, nodeId, async (node) => {
-      if (mask & ~7) throw new FsError('EINVAL', 'bad access mask');
-      const a = this.attr(await this.n.fsStat(node.fd));
-      if (mask & 2 && this.readOnly && node.type !== S_IFCHR && node.type !== S_IFBLK && node.type !== S_IFIFO && node.type !== S_IFSOCK) {
-        throw new FsError('EROFS', 'read-only share');
-      }
-      if (mask === 0) return;
-      if (ctx.uid === 0) {
-        if (mask & 1 && node.type !== S_IFDIR && (a.mode & 0o111) === 0) throw new FsError('EACCES', 'not executable');
-        return;
-      }
-      const bits = ctx.uid === a.uid ? (a.mode >> 6) & 7 : ctx.gid === a.gid ? (a.mode >> 3) & 7 : a.mode & 7;
-      if ((bits & mask) !== mask) throw new FsError('EACCES', 'permission denied');
-    });
+    return this.withNode(ctx, nodeId, async (node) => checkAccess(ctx, this.attr(await this.n.fsStat(node.fd)), mask, this.readOnly));
   }
 
   fallocate(ctx: FsContext, nodeId: number, fh: number, mode: number, offset: number, length: number): Promise<void> {
