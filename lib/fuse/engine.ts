@@ -215,13 +215,16 @@ export class FuseEngine {
         return this.init(req);
     }
     if (!this.conn) return [encodeError(req.h.unique, E.EIO)];
-    await this.acquire();
+    // Registered before waiting for a slot: the kernel sends the INTERRUPT right after the
+    // request, and it must find it even while the request waits for a slot.
     let ac: AbortController | undefined;
     if (req.kind === 'SETLKW') {
       ac = new AbortController();
       this.inflight.set(req.h.unique, ac);
     }
+    await this.acquire();
     try {
+      if (ac?.signal.aborted) return [encodeError(req.h.unique, E.EINTR)];
       return await this.dispatch(req, ac?.signal);
     } catch (e) {
       return [this.errorReply(req, e)];

@@ -268,9 +268,16 @@ describe('FuseEngine', () => {
     // The one slot is taken by the wait, and still INTERRUPT gets through.
     expect(e.saturated).toBe(true);
     expect(await e.handle(F.interrupt({ unique: u++ }, hdr.unique))).toBeNull();
+    // A second SETLKW waits for the slot; interrupted there, it never reaches the tree.
+    const hdr2 = h(5);
+    const queued = e.handle(F.lk(Op.SETLKW, hdr2, 3, 2n, 0, 10, 1, 8));
+    expect(await e.handle(F.interrupt({ unique: u++ }, hdr2.unique))).toBeNull();
     const r = parse(await pending);
     expect(r.unique).toBe(hdr.unique);
     expect(r.error).toBe(-E.EINTR);
+    const r2 = parse(await queued);
+    expect([r2.unique, r2.error]).toEqual([hdr2.unique, -E.EINTR]);
+    expect(tree.calls.filter((c) => c[0] === 'setlk').length).toBe(1);
     expect(await e.handle(F.forget(h(5), 2))).toBeNull();
     expect(await e.handle(F.batchForget(h(), [[6, 1], [7, 3]]))).toBeNull();
     expect(tree.calls.filter((c) => c[0] === 'forget').map((c) => c.slice(1))).toEqual([[5, 2], [6, 1], [7, 3]]);
