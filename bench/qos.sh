@@ -86,6 +86,12 @@ stop_daemon() {
 }
 trap 'stop_daemon' EXIT INT TERM
 
+# CPU time (user + system, clock ticks) the daemon has used so far: the cost per request is the
+# robust figure on a shared machine, where IOPS move with whatever else runs.
+cpu_ticks() {
+  awk '{ print $14 + $15 }' "/proc/$(cat "$PIDFILE")/stat"
+}
+
 read -r -a M <<<"$MODES"
 echo "bench: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" >&2
 for r in $(seq 1 "$ROUNDS"); do
@@ -94,32 +100,36 @@ for r in $(seq 1 "$ROUNDS"); do
   for m in "${order[@]}"; do
     echo "bench: round $r/$ROUNDS, QoS $m" >&2
     start_daemon "$m"
+    c0=$(cpu_ticks)
     fio --name=randread --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw=randread --bs=4k \
         --iodepth="$IODEPTH" --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --norandommap --randrepeat=0 --output-format=json --output="$OUT/$m.$r.json" >/dev/null 2>"$WORK/fio.err" \
       || { echo "bench: fio failed ($m):" >&2; cat "$WORK/fio.err" >&2; exit 1; }
+    echo "$(( $(cpu_ticks) - c0 )) $(getconf CLK_TCK)" > "$OUT/$m.$r.cpu"
     stop_daemon
   done
 done
 
 # Per mode: IOPS of each round and their median, median p50/p99 latency; ratio to disabled.
-node --input-type=module - "$OUT" "$MODES" <<'EOF'
+RUNTIME=$RUNTIME RAMP=$RAMP node --input-type=module - "$OUT" "$MODES" <<'EOF'
 import { readFileSync, readdirSync } from 'node:fs';
 const [dir, modes] = process.argv.slice(2);
 const median = (a) => { const s = [...a].sort((x, y) => x - y); return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2; };
 const res = {};
 for (const m of modes.split(/\s+/).filter(Boolean)) {
-  const runs = readdirSync(dir).filter((f) => f.startsWith(`${m}.`)).map((f) => {
+  const runs = readdirSync(dir).filter((f) => f.startsWith(`${m}.`) && f.endsWith('.json')).map((f) => {
     const t = readFileSync(`${dir}/${f}`, 'utf8');
-    const j = JSON.parse(t.slice(t.indexOf('{'))).jobs[0].read;
-    return { iops: j.iops, p50: j.clat_ns.percentile['50.000000'] / 1000, p99: j.clat_ns.percentile['99.000000'] / 1000 };
+    const j = JSON.parse(t.slice(t.indexOf('{'))).jobs[0];
+    const [ticks, hz] = readFileSync(`${dir}/${f.replace(/\.json$/, '.cpu')}`, 'utf8').trim().split(' ').map(Number);
+    // the daemon's CPU over ramp + runtime, per request at the measured rate
+    return { iops: j.read.iops, p50: j.read.clat_ns.percentile['50.000000'] / 1000, p99: j.read.clat_ns.percentile['99.000000'] / 1000, cpuUs: (ticks / hz) * 1e6 / (j.read.iops * (Number(process.env.RUNTIME) + Number(process.env.RAMP))) };
   });
-  res[m] = { iops: median(runs.map((r) => r.iops)), rounds: runs.map((r) => r.iops), p50: median(runs.map((r) => r.p50)), p99: median(runs.map((r) => r.p99)) };
+  res[m] = { iops: median(runs.map((r) => r.iops)), rounds: runs.map((r) => r.iops), p50: median(runs.map((r) => r.p50)), p99: median(runs.map((r) => r.p99)), cpuUs: median(runs.map((r) => r.cpuUs)) };
 }
-const base = res.disabled?.iops;
-console.log('| QoS | IOPS (median) | rounds | p50 / p99 us | ratio to disabled |');
-console.log('|---|---|---|---|---|');
+const base = res.disabled;
+console.log('| QoS | IOPS (median) | rounds | p50 / p99 us | daemon CPU us / request (median) | IOPS ratio | CPU-per-request ratio |');
+console.log('|---|---|---|---|---|---|---|');
 for (const [m, r] of Object.entries(res)) {
-  console.log(`| ${m} | ${(r.iops / 1000).toFixed(1)}k | ${r.rounds.map((x) => (x / 1000).toFixed(1) + 'k').join(' ')} | ${Math.round(r.p50)} / ${Math.round(r.p99)} | ${base ? (r.iops / base).toFixed(3) : '-'} |`);
+  console.log(`| ${m} | ${(r.iops / 1000).toFixed(1)}k | ${r.rounds.map((x) => (x / 1000).toFixed(1) + 'k').join(' ')} | ${Math.round(r.p50)} / ${Math.round(r.p99)} | ${r.cpuUs.toFixed(1)} | ${base ? (r.iops / base.iops).toFixed(3) : '-'} | ${base ? (r.cpuUs / base.cpuUs).toFixed(3) : '-'} |`);
 }
 EOF

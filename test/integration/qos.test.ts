@@ -1,10 +1,12 @@
 /**
  * Per-VM QoS through a real `vstore serve`, measured by real fio (nbd engine): three VMs at once
- * under saturation. Saturation on a small shared box comes from the host-wide bound: device depth
- * 1 over O_DIRECT images (each request a real disk read, completing on a later event-loop turn),
- * so requests of all three VMs wait in the scheduler and the order of dispatch is their share.
- * Everything asserted is a ratio, or relative to the capacity measured in the same run: other
- * processes may slow the machine down at any time.
+ * under saturation. Each VM's disk is a volume on its own storage node — an nbdkit memory disk
+ * behind nbdkit's delay filter (2 ms per request), registered in a resolver as a static node —
+ * and the daemon's QoS device depth is 4: the host can do ~4 requests per 2 ms whatever else
+ * runs on the machine (the delay is a sleep, not CPU or disk), so requests of all three VMs
+ * wait in the scheduler and the order of dispatch is their share. fio and the daemon need
+ * little CPU at that rate; fio keeps 32 requests per VM queued. Everything asserted is a ratio,
+ * or relative to the capacity measured in the same run.
  *
  *   1. weights 1:2:4 (config) give shares within +-10% of 1/7, 2/7, 4/7;
  *   2. runtime changes through the control API (`vstore vm qos` and PUT /v1/vms/NAME/qos): a
@@ -13,12 +15,11 @@
  *      of fio's per-second IOPS log (and is reached: the check can fail both ways);
  *   3. vstore status and /metrics show the settings and the measured rates.
  */
-import { randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { request } from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startDaemonWith, type DaemonProc } from '../helpers/cluster.js';
+import { spawnProc, startDaemonWith, startResolverService, type DaemonProc, type Proc } from '../helpers/cluster.js';
 import { requireCommands, run, tempDir, VSTORE_BIN } from '../helpers/index.js';
 
 const VMS = [
@@ -26,25 +27,39 @@ const VMS = [
   { name: 'b', weight: 2 },
   { name: 'c', weight: 4 },
 ];
-const BS = '16k';
+const SIZE = 64 << 20;
+const BS = '4k';
 const RUNTIME = 6;
 
 let dir: string;
 let daemon: DaemonProc;
+const procs: Proc[] = [];
 
 beforeAll(async () => {
-  requireCommands('fio');
+  requireCommands('fio', 'nbdkit');
   dir = tempDir('vstore-qos-');
-  // Real data everywhere: O_DIRECT reads of holes would not touch the disk.
-  for (const v of VMS) writeFileSync(path.join(dir, `${v.name}.img`), randomBytes(64 << 20));
+  const resolver = await startResolverService(path.join(dir, 'resolver'));
+  procs.push(resolver);
+  const vstore = (args: string[]) => run(process.execPath, [VSTORE_BIN, 'resolver', ...args, '--resolver', resolver.url]);
+  for (const v of VMS) {
+    const sock = path.join(dir, `${v.name}.sock`);
+    const exp = `${v.name}-disk0`;
+    procs.push(
+      await spawnProc('nbdkit', ['--foreground', '--unix', sock, '--exportname', exp, '--filter=delay', 'memory', String(SIZE), 'rdelay=2ms', 'wdelay=2ms'], () => existsSync(sock)),
+    );
+    await vstore(['node', 'add', `kit-${v.name}`, '--nbd', `unix:${sock}`]);
+    await vstore(['place', `${v.name}/disk0`, '--size', String(SIZE), '--on', `kit-${v.name}:${exp}`]);
+  }
   daemon = await startDaemonWith(path.join(dir, 'd'), {
-    qos: { depth: 1, adviseAfterSeconds: 3600 },
-    vms: VMS.map((v) => ({ name: v.name, qos: { weight: v.weight }, disks: [{ name: 'disk0', file: path.join(dir, `${v.name}.img`), direct: true }] })),
+    resolver: { url: resolver.url },
+    qos: { depth: 4, adviseAfterSeconds: 3600 },
+    vms: VMS.map((v) => ({ name: v.name, qos: { weight: v.weight }, disks: [{ name: 'disk0', volume: { size: SIZE, replicas: 1 } }] })),
   });
-}, 60_000);
+}, 90_000);
 
 afterAll(async () => {
   await daemon?.stop();
+  for (const p of procs.reverse()) await p.stop(false);
 });
 
 interface FioJob {
@@ -53,10 +68,13 @@ interface FioJob {
   error: number;
 }
 
-/** One fio process, one job per VM (they start together), 4 KiB..16 KiB random reads at QD 32. */
+/**
+ * One fio process, one job per VM (they start together): 4 KiB random reads at QD 32, which
+ * keeps every VM's queue backlogged even when fio is scheduled late on a loaded machine (a VM
+ * whose queue runs dry loses its turn: an idle VM banks no credit).
+ */
 async function fioAll(tag: string): Promise<{ jobs: Map<string, FioJob>; logs: Map<string, number[]> }> {
   const logDir = path.join(dir, `logs-${tag}`);
-  const { mkdirSync } = await import('node:fs');
   mkdirSync(logDir, { recursive: true });
   const args = ['--output-format=json', '--ioengine=nbd', '--rw=randread', `--bs=${BS}`, '--iodepth=32', '--ramp_time=1', `--runtime=${RUNTIME}`, '--time_based', '--log_avg_msec=1000'];
   for (const v of VMS) {
@@ -136,24 +154,25 @@ describe('per-VM QoS through vstore serve, measured by fio', () => {
       `reservation ${reservation} on a, limit ${limit} on b -> IOPS ${VMS.map((v) => Math.round(iops(r, v.name))).join(' : ')} (total ${Math.round(total)}); b per second: ${perSecond.join(' ')}`,
     );
     for (const v of VMS) expect(r.jobs.get(v.name)!.error).toBe(0);
-    // the reservation is met (if the machine kept at least the reserved capacity)
-    expect(iops(r, 'a')).toBeGreaterThanOrEqual(0.95 * Math.min(reservation, total * 0.9));
+    // the reservation is met (or, if the machine lost capacity since it was measured, a gets
+    // nearly all of what there is: its reservation is always due first)
+    expect(iops(r, 'a')).toBeGreaterThanOrEqual(0.95 * Math.min(reservation, total * 0.8));
     expect(iops(r, 'a') / total).toBeGreaterThan(0.2);
     // the limit: no one-second window over by more than 5%, and reached on average
     expect(perSecond.length).toBeGreaterThanOrEqual(RUNTIME - 1);
     for (const x of perSecond) expect(x).toBeLessThanOrEqual(limit * 1.05);
-    expect(iops(r, 'b')).toBeGreaterThan(limit * 0.8);
+    expect(iops(r, 'b')).toBeGreaterThan(limit * 0.7);
     // c takes what is left
     expect(iops(r, 'c') / total).toBeGreaterThan(0.5);
   }, 60_000);
 
   it('status and metrics show the settings and the measured rates', async () => {
     const st = await run(process.execPath, [VSTORE_BIN, 'status', '--control', daemon.control]);
-    expect(st.stdout).toMatch(/QoS: device depth 1/);
+    expect(st.stdout).toMatch(/QoS: device depth 4/);
     expect(st.stdout).toMatch(/^a\s+R \d+\/s W 1 normal/m);
     expect(st.stdout).toMatch(/^b\s+L \d+\/s W 2 normal/m);
     const metrics = await daemon.text('/metrics');
-    expect(metrics).toContain('vstore_qos_device_depth 1');
+    expect(metrics).toContain('vstore_qos_device_depth 4');
     expect(metrics).toMatch(/vstore_vm_qos_limit_iops\{vm="b"\} \d+/);
     expect(metrics).toMatch(/vstore_vm_qos_requests_total\{vm="c",op="read"\} [1-9]\d*/);
     expect(metrics).toMatch(/vstore_vm_qos_latency_seconds\{vm="a",quantile="0.99"\} /);
