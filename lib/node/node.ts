@@ -34,6 +34,7 @@ import { checkNodeId, type NodeRecord, type ResolverStore } from '../resolver/ty
 import { RpcServer, type RpcHandlers } from '../rpc/index.js';
 import { fsyncDir, VolumeStore, type VolumeInfo } from './volumes.js';
 import { NodeDirs, type OpenTree } from './dirs.js';
+import { LocalFileTree } from '../fs/local.js';
 
 export const DEFAULT_LEASE_TTL_MS = 10_000;
 /** How long stop() waits for the resolver to take the deregistration. */
@@ -119,11 +120,8 @@ export async function stableNodeId(data: string): Promise<string> {
   return id;
 }
 
-/** The default tree of a share: LocalFileTree confined to the directory (loaded when first needed). */
-const openLocalTree: OpenTree = async (root) => {
-  const { LocalFileTree } = await import('../fs/local.js');
-  return LocalFileTree.open(root);
-};
+/** The default tree of a share: LocalFileTree confined to the directory. */
+const openLocalTree: OpenTree = (root) => LocalFileTree.open(root);
 
 function param(p: unknown): Record<string, unknown> {
   if (typeof p !== 'object' || p === null || Array.isArray(p)) throw new VolumeError('EINVAL', 'params must be an object');
