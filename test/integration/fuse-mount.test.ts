@@ -122,6 +122,22 @@ describe('vstore mount: POSIX semantics through the kernel', () => {
     expect((await run('cmp', [orig, path.join(mnt, 'moved.bin')], { check: false })).code).toBe(1);
   });
 
+  it('O_TRUNC on open, O_DIRECT writes, and a shared writable mmap reach the host', async () => {
+    const p = path.join(mnt, 'overwrite');
+    fs.writeFileSync(p, 'a long first version');
+    fs.writeFileSync(p, 'short');
+    expect(fs.readFileSync(path.join(src, 'overwrite'), 'utf8')).toBe('short');
+    const d = path.join(mnt, 'direct');
+    await run('dd', ['if=/dev/urandom', `of=${path.join(dir, 'direct.src')}`, 'bs=64k', 'count=16', 'status=none']);
+    await run('dd', [`if=${path.join(dir, 'direct.src')}`, `of=${d}`, 'bs=64k', 'oflag=direct', 'status=none']);
+    await run('cmp', [path.join(dir, 'direct.src'), path.join(src, 'direct')]);
+    const mm = path.join(mnt, 'mapped');
+    fs.writeFileSync(mm, Buffer.alloc(8192));
+    const r = await py('import mmap,os,sys\nfd=os.open(sys.argv[1],os.O_RDWR)\nm=mmap.mmap(fd,8192)\nm[4096:4101]=b"hello"\nm.flush()\nm.close()\nos.close(fd)\nprint("ok")', mm);
+    expect(r.stdout.trim()).toBe('ok');
+    expect(fs.readFileSync(path.join(src, 'mapped')).subarray(4096, 4101).toString()).toBe('hello');
+  });
+
   it('rename over an existing file replaces it atomically; RENAME_NOREPLACE-like mv -n keeps it', async () => {
     fs.writeFileSync(path.join(mnt, 'a'), 'A');
     fs.writeFileSync(path.join(mnt, 'b'), 'B');
@@ -427,6 +443,23 @@ describe('vstore mount --uid-map/--gid-map', () => {
       expect(await m.stop()).toBe(0);
     }
   }, 30_000);
+});
+
+describe('vstore mount: bad arguments', () => {
+  it('exits 1 with one line naming the problem, and leaves nothing mounted', async () => {
+    const { src, mnt } = shareDirs('vfuse-bad-');
+    const cases: [string[], RegExp][] = [
+      [[path.join(src, 'missing'), mnt], /missing: .*ENOENT/],
+      [[src, path.join(mnt, 'missing')], /cannot mount on .*missing: .*ENOENT/],
+      [[src, mnt, '--uid-map', '1000'], /--uid-map: expected/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await run(process.execPath, [VSTORE, 'mount', ...args], { check: false, timeoutMs: 15_000 });
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(re);
+    }
+    expect(isMounted(mnt)).toBe(false);
+  });
 });
 
 describe('the engine over LocalFileTree, with frames no kernel would send', () => {
