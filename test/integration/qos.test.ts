@@ -13,7 +13,8 @@
  *      reservation of 25% of the measured capacity for the weight-1 VM is met, and a limit of
  *      10% of it on the weight-2 VM is never exceeded by more than 5% in any one-second window
  *      of fio's per-second IOPS log (and is reached: the check can fail both ways);
- *   3. vstore status and /metrics show the settings and the measured rates.
+ *   3. a reservation the host cannot give raises "migrate advised" (log, status, metric);
+ *   4. vstore status and /metrics show the settings and the measured rates.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { request } from 'node:http';
@@ -52,7 +53,7 @@ beforeAll(async () => {
   }
   daemon = await startDaemonWith(path.join(dir, 'd'), {
     resolver: { url: resolver.url },
-    qos: { depth: 4, adviseAfterSeconds: 3600 },
+    qos: { depth: 4, adviseAfterSeconds: 3 },
     vms: VMS.map((v) => ({ name: v.name, qos: { weight: v.weight }, disks: [{ name: 'disk0', volume: { size: SIZE, replicas: 1 } }] })),
   });
 }, 90_000);
@@ -66,6 +67,13 @@ interface FioJob {
   jobname: string;
   read: { iops: number; io_bytes: number };
   error: number;
+}
+
+/** fio on one VM's disk for `seconds`. */
+async function fioOne(vm: string, seconds: number): Promise<void> {
+  await run('fio', ['--name=one', '--ioengine=nbd', `--uri=nbd+unix:///?socket=${daemon.diskSocket(vm, 'disk0')}`, '--rw=randread', `--bs=${BS}`, '--iodepth=32', `--runtime=${seconds}`, '--time_based'], {
+    timeoutMs: 60_000,
+  });
 }
 
 /**
@@ -166,6 +174,22 @@ describe('per-VM QoS through vstore serve, measured by fio', () => {
     expect(iops(r, 'c') / total).toBeGreaterThan(0.5);
   }, 60_000);
 
+  it('a reservation the host cannot give raises "migrate advised" after adviseAfterSeconds', async () => {
+    // twice the measured capacity, queued all the time: unmet for 3 s -> advised
+    const cli = await run(process.execPath, [VSTORE_BIN, 'vm', 'qos', 'a', '--reservation-iops', String(Math.round(capacity * 2)), '--control', daemon.control]);
+    expect(cli.stdout).not.toContain('MIGRATE ADVISED');
+    await fioOne('a', 6);
+    const q = await daemon.get<{ migrateAdvised: boolean; migrateAdvisedEvents: number }>('/v1/vms/a/qos');
+    expect(q).toMatchObject({ migrateAdvised: true, migrateAdvisedEvents: 1 });
+    expect(daemon.log()).toMatch(/"vm":"a".*qos: migrate advised/);
+    expect(await daemon.text('/metrics')).toContain('vstore_vm_qos_migrate_advised{vm="a"} 1');
+    const st = await run(process.execPath, [VSTORE_BIN, 'status', '--control', daemon.control]);
+    expect(st.stdout).toMatch(/^a\s.*ADVISED$/m);
+    expect(st.stdout).toMatch(/^c\s.*\s-$/m);
+    // back to the phase-2 settings for the status checks below
+    await run(process.execPath, [VSTORE_BIN, 'vm', 'qos', 'a', '--reservation-iops', String(Math.round(capacity * 0.25)), '--control', daemon.control]);
+  }, 30_000);
+
   it('status and metrics show the settings and the measured rates', async () => {
     const st = await run(process.execPath, [VSTORE_BIN, 'status', '--control', daemon.control]);
     expect(st.stdout).toMatch(/QoS: device depth 4/);
@@ -177,7 +201,7 @@ describe('per-VM QoS through vstore serve, measured by fio', () => {
     expect(metrics).toMatch(/vstore_vm_qos_requests_total\{vm="c",op="read"\} [1-9]\d*/);
     expect(metrics).toMatch(/vstore_vm_qos_latency_seconds\{vm="a",quantile="0.99"\} /);
     expect(metrics).toMatch(/vstore_vm_qos_throttled_seconds_total\{vm="b"\} [1-9]/);
-    expect(metrics).toContain('vstore_vm_qos_migrate_advised{vm="a"} 0');
+    expect(metrics).toContain('vstore_vm_qos_migrate_advised{vm="b"} 0');
     const q = await daemon.get<{ settings: { weight: number }; reads: number }>('/v1/vms/c/qos');
     expect(q.settings.weight).toBe(4);
     expect(q.reads).toBeGreaterThan(0);
