@@ -349,28 +349,23 @@ export class MemoryFileTree implements FileTree {
   }
 
   unlink(ctx: FsContext, parent: number, name: Buffer): Promise<void> {
-    return this.run(() => {
-      const d = this.dir(ctx, parent);
-      this.writable();
-      checkName(name, false);
-      const n = this.child(d, name);
-      if (!n) throw new FsError('ENOENT', 'no such entry');
-      if (n.entries) throw new FsError('EISDIR', 'unlink of a directory');
-      this.reap(this.removeEntry(d, name));
-    });
+    return this.run(() => this.removeName(ctx, parent, name, false));
   }
 
   rmdir(ctx: FsContext, parent: number, name: Buffer): Promise<void> {
-    return this.run(() => {
-      const d = this.dir(ctx, parent);
-      this.writable();
-      checkName(name, false);
-      const n = this.child(d, name);
-      if (!n) throw new FsError('ENOENT', 'no such entry');
-      if (!n.entries) throw new FsError('ENOTDIR', 'not a directory');
-      if (n.entries.size > 0) throw new FsError('ENOTEMPTY', 'directory not empty');
-      this.reap(this.removeEntry(d, name));
-    });
+    return this.run(() => this.removeName(ctx, parent, name, true));
+  }
+
+  private removeName(ctx: FsContext, parent: number, name: Buffer, dir: boolean): void {
+    const d = this.dir(ctx, parent);
+    this.writable();
+    checkName(name, false);
+    const n = this.child(d, name);
+    if (!n) throw new FsError('ENOENT', 'no such entry');
+    if (!dir && n.entries) throw new FsError('EISDIR', 'unlink of a directory');
+    if (dir && !n.entries) throw new FsError('ENOTDIR', 'not a directory');
+    if (dir && n.entries!.size > 0) throw new FsError('ENOTEMPTY', 'directory not empty');
+    this.reap(this.removeEntry(d, name));
   }
 
   /** Is `a` the directory `b` or one of its ancestors? */

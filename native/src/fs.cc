@@ -433,6 +433,23 @@ Napi::Value Truncate(const Napi::CallbackInfo& info) {
 
 // Extended attributes of the node an O_PATH fd holds, through its magic link (f*xattr refuse
 // O_PATH fds). Get and list grow their buffer until the value fits (at most XATTR_SIZE_MAX).
+template <typename F>
+void ReadGrowing(FsResult& r, size_t cap, F call) {
+  r.kind = FsResult::kBytes;
+  for (;; cap = cap * 4 > 65536 ? 65536 : cap * 4) {
+    r.bytes.resize(cap);
+    ssize_t n = call(&r.bytes[0], cap);
+    if (n >= 0) {
+      r.bytes.resize(static_cast<size_t>(n));
+      return;
+    }
+    if (errno != ERANGE || cap >= 65536) {
+      r.err = errno;
+      return;
+    }
+  }
+}
+
 Napi::Value Getxattr(const Napi::CallbackInfo& info) {
   Args a(info);
   int fd = a.Fd(0);
@@ -441,19 +458,7 @@ Napi::Value Getxattr(const Napi::CallbackInfo& info) {
   if (!Check(a, "getxattr", &out)) return out;
   return Queue(info.Env(), "getxattr", [=](FsResult& r) {
     std::string p = ProcPath(fd);
-    r.kind = FsResult::kBytes;
-    for (size_t cap = 256;; cap = cap * 4 > 65536 ? 65536 : cap * 4) {
-      r.bytes.resize(cap);
-      ssize_t n = getxattr(p.c_str(), name.c_str(), &r.bytes[0], cap);
-      if (n >= 0) {
-        r.bytes.resize(static_cast<size_t>(n));
-        return;
-      }
-      if (errno != ERANGE || cap >= 65536) {
-        r.err = errno;
-        return;
-      }
-    }
+    ReadGrowing(r, 256, [&](char* buf, size_t cap) { return getxattr(p.c_str(), name.c_str(), buf, cap); });
   });
 }
 
@@ -464,19 +469,7 @@ Napi::Value Listxattr(const Napi::CallbackInfo& info) {
   if (!Check(a, "listxattr", &out)) return out;
   return Queue(info.Env(), "listxattr", [=](FsResult& r) {
     std::string p = ProcPath(fd);
-    r.kind = FsResult::kBytes;
-    for (size_t cap = 1024;; cap = cap * 4 > 65536 ? 65536 : cap * 4) {
-      r.bytes.resize(cap);
-      ssize_t n = listxattr(p.c_str(), &r.bytes[0], cap);
-      if (n >= 0) {
-        r.bytes.resize(static_cast<size_t>(n));
-        return;
-      }
-      if (errno != ERANGE || cap >= 65536) {
-        r.err = errno;
-        return;
-      }
-    }
+    ReadGrowing(r, 1024, [&](char* buf, size_t cap) { return listxattr(p.c_str(), buf, cap); });
   });
 }
 
