@@ -67,7 +67,18 @@ export function renderStatus(s: DaemonStatus): string {
       ]);
     }
   }
-  return out + renderTable(rows) + renderQosTable(s, renderTable) + renderPaths(s);
+  return out + renderTable(rows) + renderShares(s) + renderQosTable(s, renderTable) + renderPaths(s);
+}
+
+/** The VMs' shared directories (virtiofs), when there are any. */
+export function renderShares(s: DaemonStatus): string {
+  const shares = s.vms.flatMap((vm) => (vm.shares ?? []).map((sh) => ({ vm: vm.name, ...sh })));
+  if (shares.length === 0) return '';
+  const rows = [['VM', 'SHARE', 'MODE', 'CONNECTED', 'SESSIONS', 'REQUESTS', 'DROPPED', 'SOCKET', 'SOURCE', 'GUEST MOUNT']];
+  for (const sh of shares) {
+    rows.push([sh.vm, sh.tag, sh.readOnly ? 'ro' : 'rw', sh.connected ? 'yes' : 'no', String(sh.sessions), String(sh.requests), String(sh.dropped), sh.socket, sh.source, sh.mount]);
+  }
+  return '\n' + renderTable(rows);
 }
 
 /** Suspended VMs, then the paths to storage nodes (only when there are remote volumes). */

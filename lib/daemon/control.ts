@@ -236,6 +236,12 @@ export function renderMetrics(s: DaemonStatus): string {
   per('vstore_disk_read_bytes_total', 'counter', 'Bytes read by clients.', (d) => d.bytesRead);
   per('vstore_disk_written_bytes_total', 'counter', 'Bytes written by clients.', (d) => d.bytesWritten);
   per('vstore_disk_errors_total', 'counter', 'Requests answered with an error.', (d) => d.errors);
+  // virtiofs shares
+  const shares = s.vms.flatMap((vm) => (vm.shares ?? []).map((sh) => ({ labels: `{vm="${lv(vm.name)}",share="${lv(sh.tag)}"}`, sh })));
+  family('vstore_share_connected', 'gauge', '1 when a vhost-user-fs front end (QEMU) is connected to the share.', shares.map(({ labels, sh }) => [labels, sh.connected ? 1 : 0]));
+  family('vstore_share_sessions_total', 'counter', 'FUSE sessions started on the share (guest mounts after connect or reset).', shares.map(({ labels, sh }) => [labels, sh.sessions]));
+  family('vstore_share_requests_total', 'counter', 'FUSE requests answered on the share.', shares.map(({ labels, sh }) => [labels, sh.requests]));
+  family('vstore_share_dropped_total', 'counter', 'Unusable request chains dropped by the share.', shares.map(({ labels, sh }) => [labels, sh.dropped]));
   // vhost-user-blk devices: only the disks that have one get rows
   const vu = disks.flatMap(({ labels, d }) => (d.vhostUser ? [{ labels, v: d.vhostUser }] : []));
   family('vstore_disk_vhost_user_connected', 'gauge', '1 when a vhost-user-blk front end (QEMU) is connected to the disk.', vu.map(({ labels, v }) => [labels, v.connected ? 1 : 0]));

@@ -117,6 +117,10 @@ describe('guest with virtiofs shares served by the vstore daemon (QEMU TCG, vhos
       expect(r.get('ro-write')).toBe('refused');
       expect(r.get('ro-rm')).toBe('refused');
       expect(r.get('umount')).toBe('ok');
+      const metrics = await daemon.text('/metrics');
+      const served = Number(/^vstore_share_requests_total\{vm="vm1",share="proj"\} (\d+)$/m.exec(metrics)?.[1] ?? 0);
+      expect(served, metrics).toBeGreaterThan(50);
+      expect(metrics).toMatch(/^vstore_share_sessions_total\{vm="vm1",share="ro"\} 1$/m);
     } finally {
       await daemon.stop();
       await node.stop();
