@@ -7,7 +7,7 @@
  * an empty map is the identity.
  */
 import { FileTreeLayer } from './layer.js';
-import type { IdMapRange } from './local.js';
+import { mapId as mapRanges, type IdMapRange } from './local.js';
 import type { Attr, FileTree, FsContext, SetAttr } from './tree.js';
 
 export type IdRange = IdMapRange;
@@ -27,13 +27,9 @@ export function checkIdMap(map: readonly IdRange[], what: string): void {
   });
 }
 
+/** LocalFileTree's mapping (one rule for both trees); an empty map is the identity. */
 function mapId(map: readonly IdRange[], id: number, toHost: boolean, overflow: number): number {
-  if (map.length === 0) return id;
-  for (const r of map) {
-    const from = toHost ? r.guest : r.host;
-    if (id >= from && id < from + r.count) return (toHost ? r.host : r.guest) + (id - from);
-  }
-  return overflow;
+  return mapRanges(id, map as IdRange[], toHost, overflow);
 }
 
 export class IdMapFileTree extends FileTreeLayer {
