@@ -249,6 +249,23 @@ describe('vstore mount: POSIX semantics through the kernel', () => {
     expect(fs.statSync(p).mtimeMs).toBeGreaterThan(before);
   });
 
+  it('an unprivileged write drops setuid (HANDLE_KILLPRIV_V2), and permission checks apply to other users', async () => {
+    fs.chmodSync(dir, 0o755);
+    const p = path.join(mnt, 'suid');
+    fs.writeFileSync(p, '#!/bin/sh\n');
+    fs.chownSync(p, 1000, 1000);
+    fs.chmodSync(p, 0o4755);
+    const asUser = (cmd: string) => run('setpriv', ['--reuid=1000', '--regid=1000', '--clear-groups', 'sh', '-c', cmd], { check: false });
+    expect((await asUser(`echo more >> '${p}'`)).code).toBe(0);
+    expect(fs.statSync(path.join(src, 'suid')).mode & 0o7777).toBe(0o755);
+    // Another user may not write a file it does not own (default_permissions: the kernel checks).
+    fs.writeFileSync(path.join(mnt, 'roots'), 'r');
+    const denied = await asUser(`echo x >> '${path.join(mnt, 'roots')}'`);
+    expect(denied.code).not.toBe(0);
+    expect(denied.stderr).toMatch(/Permission denied/);
+    expect(fs.readFileSync(path.join(src, 'roots'), 'utf8')).toBe('r');
+  });
+
   it('xattrs: set, get, list, remove, size queries, missing names', async () => {
     const p = path.join(mnt, 'attrs');
     fs.writeFileSync(p, '');
