@@ -14,6 +14,8 @@ export interface Proxy {
   /** Bytes forwarded client -> server since the start. */
   readonly bytesUp: number;
   readonly connections: number;
+  /** Source addresses of the connections accepted. */
+  readonly clients: string[];
   mode: 'pass' | 'cut' | 'blackhole';
   cut(): Promise<void>;
   blackhole(): void;
@@ -26,7 +28,9 @@ export async function startProxy(host: string, target: { host: string; port: num
   let server: net.Server | null = null;
   let bytesUp = 0;
   let connections = 0;
+  const clients: string[] = [];
   const self: Proxy = {
+    clients,
     host,
     port,
     address: '',
@@ -60,6 +64,7 @@ export async function startProxy(host: string, target: { host: string; port: num
   };
   const onConn = (client: net.Socket): void => {
     connections++;
+    clients.push(client.remoteAddress ?? '?');
     const up = net.connect({ host: target.host, port: target.port });
     socks.add(client);
     socks.add(up);

@@ -176,4 +176,16 @@ describe('RemoteVolume multipath', () => {
     expect(st[homeA]!.writes).toBe(10);
     expect(st[homeB]!.writes).toBe(10);
   });
+
+  it('paths.sources: one path per address and local source, each connection bound to its source', async () => {
+    const { proxies } = await setup({});
+    const table = new PathTable(pathPolicy({ sources: ['127.0.0.2', '127.0.0.3'], healthIntervalMs: 0 }), log);
+    const paths = table.forNode('n2', [proxies[0]!.address]);
+    const before = proxies[0]!.clients.length;
+    const vol = await RemoteVolume.open({ id: 'n2', addresses: [proxies[0]!.address], export: 'disk', paths, logger: log });
+    cleanups.push(() => vol.close());
+    await waitFor(() => vol.connectionCount === 2, 3000, 'two connections');
+    expect(paths.paths.map((p) => p.id)).toEqual([`${proxies[0]!.address}@127.0.0.2`, `${proxies[0]!.address}@127.0.0.3`]);
+    expect(proxies[0]!.clients.slice(before).sort()).toEqual(['127.0.0.2', '127.0.0.3']);
+  });
 });
