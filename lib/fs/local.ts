@@ -90,6 +90,7 @@ const O_CREAT = 0o100;
 const O_EXCL = 0o200;
 const O_TRUNC = 0o1000;
 const O_APPEND = 0o2000;
+const O_NOCTTY = 0o400;
 const O_NONBLOCK = 0o4000;
 const O_DSYNC = 0o10000;
 const O_DIRECTORY = 0o200000;
@@ -716,8 +717,14 @@ export class LocalFileTree implements FileTree {
         fd = await this.n.fsOpenat(dir.fd, name, kept | O_CREAT | O_EXCL, perms);
       } catch (e) {
         if ((e as { code?: string }).code !== 'EEXIST' || flags & O_EXCL) throw e;
-        // Someone made it first and the caller did not ask for O_EXCL: open what is there.
-        fd = await this.n.fsOpenat(dir.fd, name, kept, 0);
+        // Someone made it first and the caller did not ask for O_EXCL: open what is there, if
+        // it is a regular file. O_NONBLOCK|O_NOCTTY: a FIFO swapped in after the check must not
+        // block a pool thread (nor a tty become ours); the type is checked again below.
+        const probe = await this.n.fsOpenat(dir.fd, name, O_PATH, 0, true);
+        void closeAsync(probe[FS_STAT.value]!).catch(() => {});
+        const t = probe[FS_STAT.mode]! & S_IFMT;
+        if (t !== S_IFREG) throw new FsError(t === S_IFDIR ? 'EISDIR' : t === S_IFLNK ? 'ELOOP' : 'ENXIO', 'not a regular file');
+        fd = await this.n.fsOpenat(dir.fd, name, kept | O_NONBLOCK | O_NOCTTY, 0);
         created = false;
       }
       try {

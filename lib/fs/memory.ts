@@ -459,7 +459,8 @@ export class MemoryFileTree implements FileTree {
       const existing = this.child(d, name);
       if (existing) {
         if (flags & O_EXCL) throw new FsError('EEXIST', 'name exists');
-        if ((existing.mode & S_IFMT) !== S_IFREG) throw new FsError((existing.mode & S_IFMT) === S_IFDIR ? 'EISDIR' : 'ELOOP', 'not a regular file');
+        const t = existing.mode & S_IFMT;
+        if (t !== S_IFREG) throw new FsError(t === S_IFDIR ? 'EISDIR' : t === S_IFLNK ? 'ELOOP' : 'ENXIO', 'not a regular file');
         if (flags & O_TRUNC) this.resize(existing, 0);
         const entry = this.counted(ctx.session, existing);
         return { entry, open: this.openHandle(ctx, existing, flags, 'file') };

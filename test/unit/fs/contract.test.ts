@@ -125,6 +125,8 @@ describe.each(factories)('FileTree contract: %s', (_name, make) => {
     const f = await t.mknod(c, ROOT_ID, b('p'), S_IFIFO | 0o644, 0);
     expect(f.attr.mode & 0o170000).toBe(S_IFIFO);
     expect(await errno(t.open(c, f.nodeId, O_RDONLY))).toBe('ENXIO');
+    expect(await errno(t.create(c, ROOT_ID, b('p'), S_IFREG | 0o644, O_RDONLY))).toBe('ENXIO');
+    expect(await errno(t.create(c, ROOT_ID, b('s'), S_IFREG | 0o644, O_RDONLY))).toBe('ELOOP');
     expect(await errno(t.mknod(c, ROOT_ID, b('dev'), 0o020000 | 0o644, 259))).toBe('EPERM');
     expect(await errno(t.open(c, ROOT_ID, O_RDONLY))).toBe('EISDIR');
     expect(await errno(t.opendir(c, f.nodeId, 0))).toBe('ENOTDIR');

@@ -189,6 +189,9 @@ describe('LocalFileTree: POSIX semantics', () => {
     expect(await errno(tree.open(u, fifo.nodeId, O_RDONLY))).toBe('ENXIO');
     expect(await errno(tree.mknod(c, ROOT_ID, b('null'), S_IFCHR | 0o666, (1 << 8) | 3))).toBe('EPERM');
     expect(fs.existsSync(path.join(dir, 'null'))).toBe(false);
+    // create (without O_EXCL) over an existing FIFO neither blocks nor opens it.
+    expect(await errno(tree.create(u, ROOT_ID, b('fifo'), S_IFREG | 0o644, O_RDONLY))).toBe('ENXIO');
+    expect(await errno(tree.create(u, ROOT_ID, b('d'), S_IFREG | 0o644, O_RDONLY))).toBe('EISDIR');
     const reg = await tree.mknod(u, ROOT_ID, b('reg'), S_IFREG | 0o600, 0);
     expect(reg.attr.mode).toBe(S_IFREG | 0o600);
   });
