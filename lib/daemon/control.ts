@@ -9,6 +9,7 @@
  *   DELETE /v1/vms/:vm/disks/:disk
  *   GET    /v1/vms/:vm/qos            the VM's service level and measured rates
  *   PUT    /v1/vms/:vm/qos            body: a qos object (replaces the VM's; {} = defaults)
+ *   POST   /v1/paths/failback[?node=ID]  manual failback of healthy paths to storage nodes
  *   GET    /metrics                   Prometheus text format
  *
  * Relative paths in a request body are resolved against `?base=DIR` (the CLI sends the
@@ -50,6 +51,8 @@ export interface ControlDeps {
   /** Anchors of requests' relative paths and default sockets. */
   resolve: ResolveContext;
   status: () => DaemonStatus;
+  /** Manual failback (paths.failback: manual): healthy paths of `node` (all nodes when absent) take requests again. */
+  failback?: (node?: string) => void;
 }
 
 class HttpError extends Error {
@@ -120,6 +123,13 @@ export class ControlServer {
     const [, coll, vm, sub, disk] = parts;
     const ctx = this.requestContext(url);
 
+    if (coll === 'paths' && vm === 'failback' && parts.length === 3) {
+      if (method !== 'POST') throw new HttpError(405, 'use POST');
+      if (!this.deps.failback) throw new RegistryError(400, 'this daemon has no remote volumes');
+      const node = url.searchParams.get('node') ?? undefined;
+      this.deps.failback(node);
+      return this.json(res, 200, { failback: node ?? 'all' });
+    }
     if (coll === 'status' && parts.length === 2) {
       if (method !== 'GET') throw new HttpError(405, 'use GET');
       return this.json(res, 200, this.deps.status());

@@ -169,6 +169,7 @@ export class Daemon {
       registry,
       resolve: { baseDir: this.deps.baseDir ?? process.cwd(), runDir: config.runDir },
       status: () => this.status(),
+      ...(remote ? { failback: (node?: string) => remote.paths.failback(node) } : {}),
     });
     await this.control.listen(config.control);
   }
