@@ -5,10 +5,11 @@
  * the node is registered with the three proxy addresses. fio (nbd engine, crc32c verify) writes
  * and verifies through `vstore serve` meanwhile: zero errors and every block verified; the cut
  * path goes down and the VM's requests move to another path; once the path is back it is used
- * again after the failback delay (`paths.failback: { delayMs }`), as the daemon's status and
- * metrics show per path.
+ * again after the failback delay (`paths.failback: { delayMs }`), or only after the operator's
+ * failback (`manual`, POST /v1/paths/failback), as the daemon's status and metrics show per path.
  */
 import { spawn } from 'node:child_process';
+import { request } from 'node:http';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { RpcClient } from '../../lib/rpc/index.js';
@@ -27,6 +28,18 @@ interface Status {
   paths: PathStatus[];
 }
 
+/** POST on the control socket; resolves with the HTTP status. */
+function post(control: string, urlPath: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath: control, path: urlPath, method: 'POST', headers: { host: 'vstore' } }, (res) => {
+      res.resume();
+      res.on('end', () => resolve(res.statusCode ?? 0));
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
 async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false>, ms: number, log: () => string): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
@@ -38,8 +51,13 @@ async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false>
 }
 
 describe('multipath to a storage node through the daemon', () => {
-  for (const how of ['cut', 'blackhole'] as const) {
-    it(`${how} the VM's path under fio verify: no error, data verified, the path is used again after the failback delay`, async () => {
+  const cases = [
+    { how: 'cut', failback: 'delayed' },
+    { how: 'blackhole', failback: 'delayed' },
+    { how: 'cut', failback: 'manual' },
+  ] as const;
+  for (const { how, failback } of cases) {
+    it(`${how} the VM's path under fio verify: no error, data verified, the path is used again after ${failback === 'manual' ? 'a manual failback' : 'the failback delay'}`, async () => {
       const dir = tempDir(`vst-mp-${how}-`);
       const resolver = await startResolverService(path.join(dir, 'resolver'));
       const nodePort = await freeTcpPort();
@@ -56,7 +74,7 @@ describe('multipath to a storage node through the daemon', () => {
         await cli(['place', 'vm1/disk0', '--size', String(SIZE), '--on', 'mp:vm1/disk0']);
         daemon = await startDaemonWith(path.join(dir, 'host'), {
           resolver: { url: resolver.url },
-          paths: { selector: 'least-pending', failback: { delayMs: FAILBACK_MS }, requestTimeoutMs: 1500, healthIntervalMs: 300, probeTimeoutMs: 500 },
+          paths: { selector: 'least-pending', failback: failback === 'manual' ? 'manual' : { delayMs: FAILBACK_MS }, requestTimeoutMs: 1500, healthIntervalMs: 300, probeTimeoutMs: 500 },
           vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: SIZE, replicas: 1, connections: 3 } }] }],
         });
         const d = daemon;
@@ -103,12 +121,20 @@ describe('multipath to a storage node through the daemon', () => {
 
         await victim.restore();
         const healthyAt = Date.now();
+        if (failback === 'manual') {
+          // Healthy again, but it waits for the operator.
+          await waitFor('the home path healthy, awaiting failback', async () => (await status()).paths.find((p) => p.id === home.id)!.awaitingFailback, 10_000, d.log);
+          await new Promise((r) => setTimeout(r, FAILBACK_MS));
+          expect((await status()).paths.find((p) => p.id === home.id)!.state).toBe('down');
+          expect(await post(d.control, '/v1/paths/failback?node=mp')).toBe(200);
+        }
         // Healthy again, but the failback policy keeps it out for FAILBACK_MS.
         const back = await waitFor('the home path up again', async () => {
           const p = (await status()).paths.find((x) => x.id === home.id)!;
           return p.state === 'up' && p;
         }, 15_000, d.log);
         expect(Date.now() - healthyAt).toBeGreaterThanOrEqual(FAILBACK_MS - 200);
+        if (failback === 'manual') expect(back.awaitingFailback).toBeUndefined();
         await waitFor('the VM back on its home path', async () => (await status()).paths.find((p) => p.id === home.id)!.writes > back.writes + 100, 10_000, d.log);
 
         expect(await exited, out).toBe(0);
