@@ -6,17 +6,17 @@ import { LOCK_EOF, LockManager, type LockOwner } from '../../../lib/fs/locks.js'
 import { F_RDLCK, F_UNLCK, F_WRLCK } from '../../../lib/fs/tree.js';
 import { errno } from './helpers.js';
 
-const SIZE = 24; // bytes modelled; a lock "to EOF" covers [start, SIZE) in the model
+const SIZE = 24; // bytes modelled, plus one cell (index SIZE) standing for every byte from SIZE to EOF
 const owners: LockOwner[] = [
   { session: 'a', owner: 1n, pid: 10 },
   { session: 'a', owner: 2n, pid: 20 },
   { session: 'b', owner: 1n, pid: 30 }, // same owner number, other session: a different owner
 ];
 
-type Model = Map<number, number>[]; // per byte: owner index -> type
+type Model = Map<number, number>[]; // per cell: owner index -> type
 
 function modelConflict(m: Model, who: number, start: number, end: number, type: number): boolean {
-  for (let i = start; i <= Math.min(end, SIZE - 1); i++) {
+  for (let i = start; i <= Math.min(end, SIZE); i++) {
     for (const [o, t] of m[i]!) if (o !== who && (t === F_WRLCK || type === F_WRLCK)) return true;
   }
   return false;
@@ -36,10 +36,10 @@ describe('LockManager', () => {
     await fc.assert(
       fc.asyncProperty(fc.array(op, { maxLength: 60 }), async (ops) => {
         const lm = new LockManager();
-        const m: Model = Array.from({ length: SIZE }, () => new Map());
+        const m: Model = Array.from({ length: SIZE + 1 }, () => new Map());
         for (const o of ops) {
           const end = o.eof ? LOCK_EOF : Math.min(o.start + o.len - 1, SIZE - 1);
-          const mEnd = Math.min(end, SIZE - 1);
+          const mEnd = Math.min(end, SIZE);
           const who = owners[o.who]!;
           if (o.kind === 'flush') {
             lm.releaseOwner('f', who.session, who.owner);
@@ -54,7 +54,7 @@ describe('LockManager', () => {
               expect(r.start <= end && o.start <= r.end).toBe(true);
               const holder = owners.findIndex((x) => x.pid === r.pid);
               expect(holder).not.toBe(o.who);
-              for (let i = r.start; i <= Math.min(r.end, SIZE - 1); i++) expect(m[i]!.get(holder)).toBe(r.type);
+              for (let i = r.start; i <= Math.min(r.end, SIZE); i++) expect(m[i]!.get(holder)).toBe(r.type);
             }
           } else {
             const got = await errno(lm.setlk('f', who, { start: o.start, end, type: o.type, pid: who.pid }));
@@ -71,7 +71,7 @@ describe('LockManager', () => {
           // The lock table equals the model byte for byte, and each owner's locks are merged:
           // no two of one owner overlap or touch with the same type.
           const held = lm.posixLocks('f');
-          for (let i = 0; i < SIZE; i++) {
+          for (let i = 0; i <= SIZE; i++) {
             const here = new Map<number, number>();
             for (const l of held) {
               if (l.start <= i && i <= l.end) {
