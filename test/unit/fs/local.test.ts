@@ -196,6 +196,20 @@ describe('LocalFileTree: POSIX semantics', () => {
     expect(reg.attr.mode).toBe(S_IFREG | 0o600);
   });
 
+  it('device nodes only with allowDevices, owned by the caller, never opened', async () => {
+    const t = await LocalFileTree.open(dir, { allowDevices: true });
+    try {
+      const u = ctx('dev', 1000, 1000);
+      const e = await t.mknod(u, ROOT_ID, b('null'), S_IFCHR | 0o666, (1 << 8) | 3);
+      const st = fs.statSync(path.join(dir, 'null'));
+      expect(st.isCharacterDevice()).toBe(true);
+      expect([st.rdev, st.uid, e.attr.rdev]).toEqual([(1 << 8) | 3, 1000, (1 << 8) | 3]);
+      expect(await errno(t.open(u, e.nodeId, O_RDWR))).toBe('ENXIO');
+    } finally {
+      await t.close();
+    }
+  });
+
   it('access checks mode bits of the guest view', async () => {
     const id = await writeFile(tree, c, ROOT_ID, 'f', 'x', 0o640);
     fs.chownSync(path.join(dir, 'f'), 1000, 2000);
