@@ -10,10 +10,10 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 DEB_PKGS=(qemu-system-x86 qemu-utils libnbd-bin nbdkit fio busybox-static cpio kmod e2fsprogs
           openssl python3-libnbd gnutls-bin liburing-dev etcd-server etcd-client strace
-          attr)   # attr: setfattr/getfattr, for the FUSE mount tests
+          attr fuse3)   # attr: setfattr/getfattr for the FUSE mount tests; fuse3: fusermount3 (vstore mount as non-root)
 # Command each package provides, to skip apt when everything is present.
 need_apt=0
-for cmd in qemu-system-x86_64 qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdcopy nbdsh nbdkit fio cpio depmod mkfs.ext2 e2fsck debugfs openssl certtool etcd etcdctl strace setfattr getfattr; do
+for cmd in qemu-system-x86_64 qemu-img qemu-io qemu-nbd qemu-storage-daemon nbdinfo nbdcopy nbdsh nbdkit fio cpio depmod mkfs.ext2 e2fsck debugfs openssl certtool etcd etcdctl strace setfattr getfattr fusermount3; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 [ -x /bin/busybox ] || need_apt=1

@@ -2,7 +2,8 @@
  * `vstore mount DIR MOUNTPOINT`: serves DIR (a LocalFileTree, confined to it) as a FUSE
  * filesystem on MOUNTPOINT in the foreground, like `bindfs` or virtiofsd on the host side — the
  * same engine as a virtiofs share, so an operator can look into a share, and the kernel's own
- * FUSE client is the judge of the engine in tests. Ends on SIGTERM/SIGINT (unmount, lazily if
+ * FUSE client is the judge of the engine in tests. As root it mounts with mount(2); as another
+ * user through fusermount3 (Debian's fuse3), for that user only unless --allow-other. Ends on SIGTERM/SIGINT (unmount, lazily if
  * busy) or when someone runs `umount MOUNTPOINT`; either way the exit code is 0.
  */
 import path from 'node:path';
@@ -19,6 +20,8 @@ interface MountOpts {
   uidMap?: IdMapRange[];
   gidMap?: IdMapRange[];
   maxWrite: string;
+  allowOther?: boolean;
+  mountWith: 'auto' | 'mount' | 'fusermount';
   logLevel: string;
 }
 
@@ -39,13 +42,15 @@ export function registerMount(program: Command): void {
     .command('mount')
     .summary('mount a directory through vstore\'s FUSE engine on the host (like bindfs)')
     .description(
-      'serve DIR through /dev/fuse on MOUNTPOINT in the foreground (root; mount options default_permissions,allow_other), with the FUSE engine that serves virtiofs shares; every access stays inside DIR. Ends on SIGTERM/SIGINT (unmounts, lazily when busy) or when MOUNTPOINT is unmounted from outside; exit code 0',
+      'serve DIR through /dev/fuse on MOUNTPOINT in the foreground (as root with mount(2) and default_permissions,allow_other; as another user through fusermount3, for that user only), with the FUSE engine that serves virtiofs shares; every access stays inside DIR. Ends on SIGTERM/SIGINT (unmounts, lazily when busy) or when MOUNTPOINT is unmounted from outside; exit code 0',
     )
     .argument('<dir>', 'directory to serve')
     .argument('<mountpoint>', 'an existing directory to mount it on')
     .option('-r, --read-only', 'refuse every change with EROFS (and mount read-only)', false)
+    .option('--allow-other', 'let other users in (the default as root; otherwise fusermount3 needs user_allow_other in /etc/fuse.conf)')
     .option('--uid-map <m:h[:n]>', 'ids m..m+n-1 seen in the mount are host ids h..h+n-1 (repeatable); unmapped ids become 65534', parseRange('--uid-map'))
     .option('--gid-map <m:h[:n]>', 'the same for group ids', parseRange('--gid-map'))
+    .addOption(new Option('--mount-with <how>', 'mount(2) (root) or fusermount3 (anyone); auto picks by uid').choices(['auto', 'mount', 'fusermount']).default('auto').hideHelp())
     .addOption(new Option('--max-write <bytes>', 'largest read/write request offered to the kernel').default('1048576').hideHelp())
     .addOption(new Option('--log-level <level>', 'log level (logs are JSON lines on stderr)').choices([...LOG_LEVELS]).default('info'))
     .addHelpText(
@@ -75,11 +80,19 @@ Examples:
       const engine = new FuseEngine({ tree, logger, session: `mount:${path.resolve(mountpoint)}`, readOnly: opts.readOnly ?? false, maxWrite });
       let mount: DevFuseMount;
       try {
-        mount = DevFuseMount.mount({ engine, logger, mountpoint, source: root, readOnly: opts.readOnly ?? false });
+        mount = await DevFuseMount.mount({
+          engine,
+          logger,
+          mountpoint,
+          source: root,
+          readOnly: opts.readOnly ?? false,
+          method: opts.mountWith,
+          ...(opts.allowOther !== undefined ? { allowOther: opts.allowOther } : {}),
+        });
       } catch (e) {
         await tree.close().catch(() => {});
         const code = (e as { code?: string }).code;
-        const hint = code === 'EPERM' ? ' (mounting needs root)' : code === 'ENOENT' ? ' (no such mountpoint, or no /dev/fuse: modprobe fuse)' : '';
+        const hint = code === 'EPERM' ? ' (mount(2) needs root; others mount through fusermount3)' : code === 'ENOENT' ? ' (no such mountpoint, or no /dev/fuse: modprobe fuse)' : '';
         throw new Error(`cannot mount on ${mountpoint}: ${(e as Error).message}${hint}`);
       }
       const stop = async (): Promise<void> => {

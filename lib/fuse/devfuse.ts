@@ -3,9 +3,10 @@
  * virtiofsd's vhost_user.rs is only a transport around its server. Frames read from /dev/fuse go
  * to a FuseEngine; its replies are written back, one writev each.
  *
- * - Mounting: /dev/fuse is opened here (O_NONBLOCK) and handed to mount(2) as `fd=N` (the addon's
- *   fuseMount; root only). fusermount3 is not needed, and the fd is ours, non-blocking from the
- *   start.
+ * - Mounting, as root: /dev/fuse is opened here (O_NONBLOCK) and handed to mount(2) as `fd=N`
+ *   (the addon's fuseMount). As any other user: fusermount3 (setuid root, Debian's fuse3) mounts
+ *   and hands the /dev/fuse fd back over the _FUSE_COMMFD socket (SCM_RIGHTS), as libfuse does;
+ *   it is made non-blocking here. Unmounting is umount2 or `fusermount3 -u` accordingly.
  * - Reading never blocks the event loop: an FdWatcher (uv_poll) reports readiness, and reads go
  *   on until EAGAIN. While the engine is saturated the watcher is stopped (the kernel keeps the
  *   requests queued) and restarted when a reply frees a slot.
@@ -18,6 +19,7 @@
  *   mount (lazily when it is busy) and closes /dev/fuse, which aborts whatever the kernel still
  *   waits for. Either way the engine's session ends (tree.endSession) and `closed` resolves.
  */
+import { spawn } from 'node:child_process';
 import { closeSync, openSync, readSync, statSync, writevSync, constants as fsConstants } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from '../log.js';
@@ -42,8 +44,10 @@ export interface DevFuseOptions {
   readOnly?: boolean;
   /** Kernel-side permission checks from the mode bits (mount option default_permissions). Default true. */
   defaultPermissions?: boolean;
-  /** Other users may use the mount (allow_other). Default true. */
+  /** Other users may use the mount (allow_other). Default true as root; for others fusermount3 allows it only with user_allow_other in /etc/fuse.conf. */
   allowOther?: boolean;
+  /** 'mount': mount(2), root only; 'fusermount': fusermount3; 'auto' (default): mount(2) as root, else fusermount3. */
+  method?: 'auto' | 'mount' | 'fusermount';
 }
 
 export type EndReason = 'unmounted' | 'stopped' | 'error';
@@ -64,7 +68,11 @@ export class DevFuseMount {
   private readonly pool: Buffer[] = [];
   private readonly frameSize: number;
 
-  private constructor(opts: DevFuseOptions, fd: number) {
+  private constructor(
+    opts: DevFuseOptions,
+    fd: number,
+    private readonly method: 'mount' | 'fusermount',
+  ) {
     this.engine = opts.engine;
     this.log = opts.logger;
     this.mountpoint = opts.mountpoint;
@@ -74,31 +82,38 @@ export class DevFuseMount {
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
   }
 
-  /** Mounts and starts serving. Throws (with nothing left mounted) when mount(2) fails. */
-  static mount(opts: DevFuseOptions): DevFuseMount {
+  /** Mounts and starts serving. Throws (with nothing left mounted) when mounting fails. */
+  static async mount(opts: DevFuseOptions): Promise<DevFuseMount> {
     const mountpoint = path.resolve(opts.mountpoint);
     const st = statSync(mountpoint);
     if (!st.isDirectory()) throw new Error(`${mountpoint}: not a directory`);
-    const fd = openSync('/dev/fuse', fsConstants.O_RDWR | fsConstants.O_NONBLOCK);
-    const uid = process.getuid?.() ?? 0;
-    const gid = process.getgid?.() ?? 0;
-    const data = [
-      `fd=${fd}`,
-      `rootmode=${(st.mode & fsConstants.S_IFMT).toString(8)}`,
-      `user_id=${uid}`,
-      `group_id=${gid}`,
+    const root = (process.getuid?.() ?? 0) === 0;
+    const method = opts.method === 'fusermount' || (opts.method !== 'mount' && !root) ? 'fusermount' : 'mount';
+    const common = [
       ...(opts.defaultPermissions === false ? [] : ['default_permissions']),
-      ...(opts.allowOther === false ? [] : ['allow_other']),
-    ].join(',');
-    const flags = MS_NOSUID | MS_NODEV | (opts.readOnly ? MS_RDONLY : 0);
-    try {
-      native().fuseMount(opts.source, mountpoint, 'fuse.vstore', flags, data);
-    } catch (e) {
-      closeSync(fd);
-      throw e;
+      ...((opts.allowOther ?? root) ? ['allow_other'] : []),
+    ];
+    let fd: number;
+    let shown: string;
+    if (method === 'mount') {
+      fd = openSync('/dev/fuse', fsConstants.O_RDWR | fsConstants.O_NONBLOCK);
+      const uid = process.getuid?.() ?? 0;
+      const gid = process.getgid?.() ?? 0;
+      shown = [`fd=${fd}`, `rootmode=${(st.mode & fsConstants.S_IFMT).toString(8)}`, `user_id=${uid}`, `group_id=${gid}`, ...common].join(',');
+      const flags = MS_NOSUID | MS_NODEV | (opts.readOnly ? MS_RDONLY : 0);
+      try {
+        native().fuseMount(opts.source, mountpoint, 'fuse.vstore', flags, shown);
+      } catch (e) {
+        closeSync(fd);
+        throw e;
+      }
+    } else {
+      // fusermount3 adds fd=, rootmode=, user_id= and group_id= itself.
+      shown = [`fsname=${escapeOpt(opts.source)}`, 'subtype=vstore', 'nosuid', 'nodev', ...common, ...(opts.readOnly ? ['ro'] : [])].join(',');
+      fd = await fusermount(mountpoint, shown);
     }
-    const m = new DevFuseMount({ ...opts, mountpoint }, fd);
-    m.log.info({ mountpoint, source: opts.source, options: data }, 'fuse: mounted');
+    const m = new DevFuseMount({ ...opts, mountpoint }, fd, method);
+    m.log.info({ mountpoint, source: opts.source, method, options: shown }, 'fuse: mounted');
     m.watcher = new (native().FdWatcher)(fd, (status, events) => m.onReady(status, events));
     m.startWatching();
     return m;
@@ -110,27 +125,39 @@ export class DevFuseMount {
    */
   async unmount(): Promise<EndReason> {
     if (!this.ending && this.mounted) {
-      try {
-        native().fuseUnmount(this.mountpoint, 0);
-        this.log.info({ mountpoint: this.mountpoint }, 'fuse: unmounted');
-      } catch (e) {
-        const code = (e as { code?: string }).code;
-        if (code === 'EBUSY') {
-          this.log.warn({ mountpoint: this.mountpoint }, 'fuse: mount busy, detached lazily');
-          try {
-            native().fuseUnmount(this.mountpoint, MNT_DETACH);
-          } catch (e2) {
-            this.log.error({ err: e2 }, 'fuse: lazy unmount failed');
-          }
-        } else if (code !== 'EINVAL') {
-          // EINVAL: no longer mounted (someone ran umount first).
-          this.log.error({ err: e }, 'fuse: unmount failed');
-        }
-      }
       this.mounted = false;
+      const busy = this.method === 'mount' ? this.umount2() : await this.fusermountU();
+      if (busy) {
+        this.log.warn({ mountpoint: this.mountpoint }, 'fuse: mount busy, detached lazily');
+        if (this.method === 'mount') this.umount2(MNT_DETACH);
+        else await this.fusermountU(true);
+      } else {
+        this.log.info({ mountpoint: this.mountpoint }, 'fuse: unmounted');
+      }
       void this.finish('stopped');
     }
     return this.closed;
+  }
+
+  /** umount2; true when the mount is busy. Not mounted any more (EINVAL) is fine. */
+  private umount2(flags = 0): boolean {
+    try {
+      native().fuseUnmount(this.mountpoint, flags);
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'EBUSY' && flags === 0) return true;
+      if (code !== 'EINVAL') this.log.error({ err: e }, 'fuse: unmount failed');
+    }
+    return false;
+  }
+
+  /** `fusermount3 -u [-z]`; true when the mount is busy. */
+  private async fusermountU(lazy = false): Promise<boolean> {
+    const r = await runFusermount(['-u', ...(lazy ? ['-z'] : []), '--', this.mountpoint]);
+    if (r.code === 0) return false;
+    if (!lazy && /busy/i.test(r.stderr)) return true;
+    if (!/not found|not mounted|entry for .* not found/i.test(r.stderr)) this.log.error({ stderr: r.stderr.trim() }, 'fuse: fusermount3 -u failed');
+    return false;
   }
 
   private startWatching(): void {
@@ -175,9 +202,11 @@ export class DevFuseMount {
         // EINTR; ENOENT: the request was interrupted before we read it.
         if (code === 'EINTR' || code === 'ENOENT') return;
         if (code === 'ENODEV' || code === 'ECONNABORTED') {
-          this.log.info({ mountpoint: this.mountpoint }, 'fuse: unmounted from outside, session over');
+          // Still `mounted`: someone else unmounted; otherwise it is our own unmount() under way.
+          const outside = this.mounted;
           this.mounted = false;
-          void this.finish('unmounted');
+          if (outside) this.log.info({ mountpoint: this.mountpoint }, 'fuse: unmounted from outside, session over');
+          void this.finish(outside ? 'unmounted' : 'stopped');
         } else {
           this.log.error({ err: e }, 'fuse: reading /dev/fuse failed');
           void this.finish('error');
@@ -243,5 +272,47 @@ export class DevFuseMount {
     await this.engine.end();
     this.log.info({ mountpoint: this.mountpoint, reason }, 'fuse: session ended');
     this.resolveClosed(reason);
+  }
+}
+
+/** fusermount3's option syntax: commas and backslashes in a value are backslash-escaped. */
+function escapeOpt(v: string): string {
+  return v.replace(/[\\,]/g, (c) => `\\${c}`);
+}
+
+function runFusermount(args: string[], extraFd?: number): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('fusermount3', args, {
+      stdio: ['ignore', 'ignore', 'pipe', ...(extraFd === undefined ? [] : [extraFd])],
+      env: extraFd === undefined ? process.env : { ...process.env, _FUSE_COMMFD: '3' },
+    });
+    let stderr = '';
+    child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+    child.on('error', (e: NodeJS.ErrnoException) =>
+      reject(e.code === 'ENOENT' ? new Error('fusermount3 not found: install Debian\'s fuse3 (or run as root)') : e),
+    );
+    child.on('close', (code) => resolve({ code, stderr }));
+  });
+}
+
+/** Mounts through fusermount3 and returns the /dev/fuse fd it sends back, non-blocking. */
+async function fusermount(mountpoint: string, options: string): Promise<number> {
+  const n = native();
+  const [ours, theirs] = n.fuseSocketPair();
+  try {
+    const r = await runFusermount(['-o', options, '--', mountpoint], theirs);
+    if (r.code !== 0) throw new Error(`fusermount3: ${r.stderr.trim() || `exit ${r.code}`}`);
+    const fds: number[] = [];
+    n.recvMsg(ours, Buffer.alloc(16), fds);
+    if (fds.length !== 1) {
+      for (const f of fds) n.closeFd(f);
+      await runFusermount(['-u', '-z', '--', mountpoint]);
+      throw new Error('fusermount3 mounted but sent no /dev/fuse fd');
+    }
+    n.fuseSetNonBlocking(fds[0]!);
+    return fds[0]!;
+  } finally {
+    n.closeFd(ours);
+    n.closeFd(theirs);
   }
 }

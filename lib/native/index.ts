@@ -90,6 +90,10 @@ export interface NativeAddon {
   fuseMount(source: string, target: string, fstype: string, flags: number, data: string): void;
   /** umount2(2); `flags` MNT_FORCE 1, MNT_DETACH 2. */
   fuseUnmount(target: string, flags: number): void;
+  /** socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC): [ours, theirs] (theirs: fusermount3's _FUSE_COMMFD). */
+  fuseSocketPair(): [number, number];
+  /** Sets O_NONBLOCK on an fd. */
+  fuseSetNonBlocking(fd: number): void;
 
   // The *at calls of LocalFileTree (native/src/fs.cc), all on the thread pool. Names are
   // Buffers of one path component (NUL or empty: EINVAL); fds are the tree's own.

@@ -1,4 +1,5 @@
-// mount(2) / umount2(2) for `vstore mount` (lib/fuse/devfuse.ts). Thin wrappers: the options
+// mount(2) / umount2(2) (as root), and a socketpair + O_NONBLOCK for the fusermount3 way (not root),
+// for `vstore mount` (lib/fuse/devfuse.ts). Thin wrappers: the options
 // string (fd=N,rootmode=...,user_id=...) is built in TypeScript; errors are Node-style system
 // errors (.code, .errno, .syscall).
 #include "fuse.h"
@@ -7,7 +8,9 @@
 
 #include <cerrno>
 #include <string>
+#include <fcntl.h>
 #include <sys/mount.h>
+#include <sys/socket.h>
 
 namespace vstore {
 namespace {
@@ -45,11 +48,41 @@ Napi::Value FuseUnmount(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// fuseSocketPair(): a connected AF_UNIX SOCK_STREAM pair [ours, theirs], close-on-exec; `theirs`
+// goes to fusermount3 as _FUSE_COMMFD (spawn dups it into the child without the flag).
+Napi::Value FuseSocketPair(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fds[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+    SysError(env, errno, "socketpair").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::Array out = Napi::Array::New(env, 2);
+  out.Set(0u, Napi::Number::New(env, fds[0]));
+  out.Set(1u, Napi::Number::New(env, fds[1]));
+  return out;
+}
+
+// fuseSetNonBlocking(fd): O_NONBLOCK on an fd we were handed (the /dev/fuse fd from fusermount3).
+Napi::Value FuseSetNonBlocking(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "fuseSetNonBlocking(fd)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) SysError(env, errno, "fcntl").ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
 }  // namespace
 
 void InitFuse(Napi::Env env, Napi::Object exports) {
   exports.Set("fuseMount", Napi::Function::New(env, FuseMount, "fuseMount"));
   exports.Set("fuseUnmount", Napi::Function::New(env, FuseUnmount, "fuseUnmount"));
+  exports.Set("fuseSocketPair", Napi::Function::New(env, FuseSocketPair, "fuseSocketPair"));
+  exports.Set("fuseSetNonBlocking", Napi::Function::New(env, FuseSetNonBlocking, "fuseSetNonBlocking"));
 }
 
 }  // namespace vstore

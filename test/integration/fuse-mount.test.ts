@@ -462,6 +462,28 @@ describe('vstore mount --uid-map/--gid-map', () => {
   }, 30_000);
 });
 
+describe('vstore mount through fusermount3 (the way for users other than root)', () => {
+  it('mounts with the fd fusermount3 hands back over _FUSE_COMMFD, serves, unmounts with fusermount3 -u', async () => {
+    requireCommands('fusermount3');
+    const { dir, mnt } = shareDirs('vfuse-fm-');
+    // A source path with the characters fusermount3's option syntax escapes.
+    const src = path.join(dir, 'a,b\\c');
+    fs.mkdirSync(src);
+    const m = await mount(src, mnt, '--mount-with', 'fusermount');
+    try {
+      const line = fs.readFileSync('/proc/mounts', 'utf8').split('\n').find((l) => l.split(' ')[1] === mnt)!;
+      expect(line.split(' ')[2]).toBe('fuse.vstore');
+      expect(line.split(' ')[0]).toBe(src.replace(/\\/g, '\\134'));
+      fs.writeFileSync(path.join(mnt, 'f'), 'via fusermount3');
+      expect(fs.readFileSync(path.join(src, 'f'), 'utf8')).toBe('via fusermount3');
+    } finally {
+      expect(await m.stop()).toBe(0);
+    }
+    expect(isMounted(mnt)).toBe(false);
+    expect(m.stderr()).not.toMatch(/from outside/);
+  }, 30_000);
+});
+
 describe('vstore mount: bad arguments', () => {
   it('exits 1 with one line naming the problem, and leaves nothing mounted', async () => {
     const { src, mnt } = shareDirs('vfuse-bad-');
