@@ -113,7 +113,11 @@ export interface QosFlowStatus {
   reservationDispatches: number;
   /** Total time requests spent queued here (waiting for a device slot, their limit or their turn). */
   throttledSeconds: number;
-  /** Cumulative latency sum (seconds) and count: a Prometheus summary's _sum and _count. */
+  /**
+   * Cumulative latency sum (seconds) and count: a Prometheus summary's _sum and _count. Requests
+   * of an unconstrained VM that ran on the cheap path are sampled (1 in 8): count is then about
+   * 1/8 of the requests; the percentiles and the mean (sum / count) are those of the sample.
+   */
   latencySum: number;
   latencyCount: number;
   /** The reservation has gone unmet while backlogged for adviseAfterSeconds (and has not recovered). */
@@ -142,6 +146,9 @@ const RANK: Record<QosSettings['priority'], number> = { high: 0, normal: 1, low:
  */
 export const LIMIT_SLACK_SECONDS = 0.02;
 
+/** On the unconstrained cheap path, the latency of one request in (mask + 1) is measured. */
+export const LATENCY_SAMPLE_MASK = 7;
+
 /** Numbers the hot path reads, derived once from the settings (0: dimension not configured). */
 interface Rates {
   rIops: number;
@@ -152,6 +159,7 @@ interface Rates {
   /** 1 / weight. */
   invW: number;
   rank: number;
+  constrained: boolean;
 }
 
 function ratesOf(s: QosSettings): Rates {
@@ -163,6 +171,7 @@ function ratesOf(s: QosSettings): Rates {
     burst: s.limit.burstSeconds,
     invW: 1 / s.weight,
     rank: RANK[s.priority],
+    constrained: s.reservation.iops !== undefined || s.reservation.bps !== undefined || s.limit.iops !== undefined || s.limit.bps !== undefined,
   };
 }
 
@@ -201,8 +210,10 @@ export class QosFlow {
   private bytesWritten = 0;
   private reservationDispatches = 0;
   private throttledSeconds = 0;
-  private readonly total = new LatencyHistogram();
+  /** Latencies of the current window (percentiles); the totals are two numbers. */
   private readonly window = new LatencyHistogram();
+  private latencySum = 0;
+  private latencyCount = 0;
   // Window (tick) state.
   private winOps = 0;
   private winBytes = 0;
@@ -301,6 +312,14 @@ export class QosFlow {
     return this.rates.rank;
   }
 
+  /** A reservation or a limit is set: tags need the clock. */
+  get constrained(): boolean {
+    return this.rates.constrained;
+  }
+
+  /** Counts cheap-path requests, to time one in LATENCY_SAMPLE_MASK + 1. */
+  sampleTick = 0;
+
   /** A request finished (successfully or not) after `latency` seconds. */
   completed(kind: OpKind, bytes: number, latency: number): void {
     this.outstanding--;
@@ -313,7 +332,9 @@ export class QosFlow {
     } else this.others++;
     this.winOps++;
     this.winBytes += bytes;
-    this.total.record(latency);
+    if (latency < 0) return; // not sampled
+    this.latencySum += latency;
+    this.latencyCount++;
     this.window.record(latency);
   }
 
@@ -387,8 +408,8 @@ export class QosFlow {
       bytesWritten: this.bytesWritten,
       reservationDispatches: this.reservationDispatches,
       throttledSeconds: this.throttledSeconds + this.waitingNow(now),
-      latencySum: this.total.sum,
-      latencyCount: this.total.count,
+      latencySum: this.latencySum,
+      latencyCount: this.latencyCount,
       migrateAdvised: this.advised,
       migrateAdvisedEvents: this.advisedEvents,
       reservationShortSeconds: this.shortSince === undefined ? 0 : Math.max(0, now - this.shortSince),
@@ -502,6 +523,14 @@ export class QosScheduler {
   }
 
   submit<T>(f: QosFlow, kind: OpKind, bytes: number, fn: () => Promise<T>): Promise<T> {
+    if (this.queuedTotal === 0 && this.inflight < this.depthLimit && !f.constrained) {
+      // The cheapest path: nobody waits, a slot is free, and the flow has no reservation or
+      // limit, so its tags need no time (the P tag is virtual time). Reading the clock twice
+      // was half of this layer's cost: latency is measured on 1 request in 8 here.
+      f.tagHead(bytes, 0, 0);
+      f.charge(bytes, false);
+      return this.run(f, kind, bytes, fn, (++f.sampleTick & LATENCY_SAMPLE_MASK) === 0 ? this.clock.now() : -1);
+    }
     const now = this.clock.now();
     if (this.queuedTotal === 0 && this.inflight < this.depthLimit) {
       // The cheap path: nobody waits, a slot is free; this request is the only candidate.
@@ -539,21 +568,17 @@ export class QosScheduler {
     } catch (e) {
       p = Promise.reject(e);
     }
-    return p.then(
-      (v) => {
-        this.done(f, kind, bytes, start);
-        return v;
-      },
-      (e: unknown) => {
-        this.done(f, kind, bytes, start);
-        throw e;
-      },
-    );
+    // The caller gets `p` itself (no extra promise hop on its path); the bookkeeping is a
+    // reaction registered before the caller's, so the slot is free when the caller continues.
+    // The promise `then` makes here settles either way: a rejection is the caller's to handle.
+    const done = (): void => this.done(f, kind, bytes, start);
+    p.then(done, done);
+    return p;
   }
 
   private done(f: QosFlow, kind: OpKind, bytes: number, start: number): void {
     this.inflight--;
-    f.completed(kind, bytes, this.clock.now() - start);
+    f.completed(kind, bytes, start < 0 ? -1 : this.clock.now() - start);
     if (this.queuedTotal > 0) this.pump();
   }
 

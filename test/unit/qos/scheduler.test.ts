@@ -192,8 +192,8 @@ describe('QosScheduler (simulated device)', () => {
   it('no advice for a VM that is below its reservation only because it asks for less', async () => {
     const advised: string[] = [];
     const sim = makeSim({ ...DEV, adviseAfterSeconds: 2, onMigrateAdvised: (f) => advised.push(f.name) });
-    sim.vm('a', { reservation: { iops: 3000 } }, { qd: 1 }); // QD1 at 1 ms: 1000/s, never queued long
-    sim.vm('b', { weight: 1 }, { qd: 16 });
+    sim.vm('a', { reservation: { iops: 3000 } }, { qd: 1 }); // QD1 at 1 ms: 1000/s at most, anywhere
+    sim.vm('b', { weight: 1 }, { qd: 2 }); // the device is not saturated: a never waits long
     for (let i = 0; i < 4; i++) {
       await sim.run(1);
       sim.sched.tick();
