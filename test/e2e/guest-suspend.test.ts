@@ -16,6 +16,7 @@ import { RpcClient } from '../../lib/rpc/index.js';
 import { requireCommands, run, runGuest, tempDir } from '../helpers/index.js';
 import { freeTcpPort, startDaemonWith, startResolverService, startStorageNode } from '../helpers/cluster.js';
 import { startProxy, type Proxy } from '../unit/paths/proxy.js';
+import { waitFor } from '../unit/paths/wait.js';
 
 beforeAll(() => requireCommands('qemu-system-x86_64'));
 
@@ -46,16 +47,6 @@ result done 1
 interface VmView {
   name: string;
   suspended?: { paused: boolean; action: string; handedBack: number };
-}
-
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false>, ms: number, log: () => string): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}:\n${log().slice(-4000)}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 async function connectWhenThere(sock: string): Promise<QmpClient> {

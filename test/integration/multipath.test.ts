@@ -17,6 +17,7 @@ import type { PathStatus } from '../../lib/paths/path.js';
 import { MiB, requireCommands, run, tempDir } from '../helpers/index.js';
 import { freeTcpPort, startDaemonWith, startResolverService, startStorageNode } from '../helpers/cluster.js';
 import { startProxy, type Proxy } from '../unit/paths/proxy.js';
+import { waitFor } from '../unit/paths/wait.js';
 
 beforeAll(() => requireCommands('fio'));
 
@@ -38,16 +39,6 @@ function post(control: string, urlPath: string): Promise<number> {
     req.on('error', reject);
     req.end();
   });
-}
-
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false>, ms: number, log: () => string): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}:\n${log().slice(-4000)}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 describe('multipath to a storage node through the daemon', () => {

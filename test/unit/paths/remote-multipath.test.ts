@@ -13,6 +13,7 @@ import { NbdServer } from '../../../lib/nbd/server.js';
 import { PathTable, pathPolicy, type PathPolicy } from '../../../lib/paths/index.js';
 import { pattern, sleep } from '../nbd/setup.js';
 import { startProxy, type Proxy } from './proxy.js';
+import { waitFor } from './wait.js';
 
 const MiB = 1024 * 1024;
 const log = silentLogger();
@@ -84,18 +85,10 @@ function workload(v: OrderedVolume, depth = 8) {
   };
 }
 
-async function waitFor(cond: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
-
 describe('RemoteVolume multipath', () => {
   it('one connection per path; round-robin spreads requests over all of them', async () => {
     const { vol, paths } = await setup({ selector: 'round-robin' });
-    await waitFor(() => vol.connectionCount === 3, 3000, 'three connections');
+    await waitFor('three connections', () => vol.connectionCount === 3, 3000);
     for (let i = 0; i < 30; i++) await vol.write(i * 4096, pattern(4096, i));
     expect(paths.status().map((p) => p.writes)).toEqual([10, 10, 10]);
     expect(paths.status().every((p) => p.state === 'up')).toBe(true);
@@ -104,12 +97,12 @@ describe('RemoteVolume multipath', () => {
   for (const how of ['cut', 'blackhole'] as const) {
     it(`${how}: requests on the lost path are retried on the others, no error reaches the caller, the path comes back`, async () => {
       const { vol, paths, proxies, ordered, mem } = await setup({ selector: 'least-pending', failback: { mode: 'immediate' } });
-      await waitFor(() => vol.connectionCount === 3, 3000, 'three connections');
+      await waitFor('three connections', () => vol.connectionCount === 3, 3000);
       const w = workload(ordered);
       await sleep(150);
       if (how === 'cut') await proxies[1]!.cut();
       else proxies[1]!.blackhole();
-      await waitFor(() => paths.paths[1]!.state === 'down', 5000, 'path 2 down');
+      await waitFor('path 2 down', () => paths.paths[1]!.state === 'down', 5000);
       const before = w.ops;
       await sleep(300);
       expect(w.ops).toBeGreaterThan(before); // I/O goes on over the other paths
@@ -117,8 +110,8 @@ describe('RemoteVolume multipath', () => {
       await sleep(200);
       expect(paths.paths[1]!.writes).toBe(writesOnCutPath);
       await proxies[1]!.restore();
-      await waitFor(() => paths.paths[1]!.state === 'up', 5000, 'path 2 up again');
-      await waitFor(() => paths.paths[1]!.writes > writesOnCutPath + 5, 5000, 'path 2 used again');
+      await waitFor('path 2 up again', () => paths.paths[1]!.state === 'up', 5000);
+      await waitFor('path 2 used again', () => paths.paths[1]!.writes > writesOnCutPath + 5, 5000);
       const model = await w.stop();
       expect(w.errors.map((e) => e.message)).toEqual([]);
       if (how === 'blackhole') expect(vol.failovers).toBeGreaterThan(0);
@@ -134,7 +127,7 @@ describe('RemoteVolume multipath', () => {
 
   it('every path gone: the request fails (EIO), so the replicated layer above can act', async () => {
     const { vol, proxies } = await setup({});
-    await waitFor(() => vol.connectionCount === 3, 3000, 'three connections');
+    await waitFor('three connections', () => vol.connectionCount === 3, 3000);
     for (const p of proxies) p.blackhole();
     const t0 = Date.now();
     await expect(vol.read(0, Buffer.alloc(4096))).rejects.toMatchObject({ code: 'EIO' });
@@ -144,17 +137,17 @@ describe('RemoteVolume multipath', () => {
 
   it('delayed failback: a returning path waits for the delay before it takes requests again', async () => {
     const { vol, paths, proxies } = await setup({ selector: 'round-robin', failback: { mode: 'delayed', ms: 1000 } });
-    await waitFor(() => vol.connectionCount === 3, 3000, 'three connections');
+    await waitFor('three connections', () => vol.connectionCount === 3, 3000);
     await proxies[0]!.cut();
-    await waitFor(() => paths.paths[0]!.state === 'down', 3000, 'path 1 down');
+    await waitFor('path 1 down', () => paths.paths[0]!.state === 'down', 3000);
     await proxies[0]!.restore();
-    await waitFor(() => vol.connectionCount === 3, 3000, 'reconnected');
+    await waitFor('reconnected', () => vol.connectionCount === 3, 3000);
     const t0 = Date.now();
     const w0 = paths.paths[0]!.writes;
     for (let i = 0; i < 20; i++) await vol.write(i * 4096, pattern(4096, i));
     expect(paths.paths[0]!.writes).toBe(w0); // healthy, connected, but not used yet
     expect(paths.paths[0]!.status().awaitingFailback).toBe(true);
-    await waitFor(() => paths.paths[0]!.state === 'up', 3000, 'failback');
+    await waitFor('failback', () => paths.paths[0]!.state === 'up', 3000);
     expect(Date.now() - t0).toBeGreaterThan(500);
     for (let i = 0; i < 20; i++) await vol.write(i * 4096, pattern(4096, i));
     expect(paths.paths[0]!.writes).toBeGreaterThan(w0);
@@ -164,7 +157,7 @@ describe('RemoteVolume multipath', () => {
     const a = await setup({ selector: 'round-robin' }, 'vmA');
     const vb = await RemoteVolume.open({ id: 'n1', addresses: a.paths.paths.map((p) => p.address), export: 'disk', paths: a.paths, vm: 'vmB', logger: log });
     cleanups.push(() => vb.close());
-    await waitFor(() => a.vol.connectionCount === 3 && vb.connectionCount === 3, 3000, 'connections');
+    await waitFor('connections', () => a.vol.connectionCount === 3 && vb.connectionCount === 3, 3000);
     for (let i = 0; i < 10; i++) {
       await a.vol.write(i * 4096, pattern(4096, i));
       await vb.write(i * 4096, pattern(4096, i));
@@ -184,7 +177,7 @@ describe('RemoteVolume multipath', () => {
     const before = proxies[0]!.clients.length;
     const vol = await RemoteVolume.open({ id: 'n2', addresses: [proxies[0]!.address], export: 'disk', paths, logger: log });
     cleanups.push(() => vol.close());
-    await waitFor(() => vol.connectionCount === 2, 3000, 'two connections');
+    await waitFor('two connections', () => vol.connectionCount === 2, 3000);
     expect(paths.paths.map((p) => p.id)).toEqual([`${proxies[0]!.address}@127.0.0.2`, `${proxies[0]!.address}@127.0.0.3`]);
     expect(proxies[0]!.clients.slice(before).sort()).toEqual(['127.0.0.2', '127.0.0.3']);
   });

@@ -46,7 +46,7 @@ class HeldVolume extends VolumeLayer {
 
 function fakeVm(running = true) {
   const calls: string[] = [];
-  const vm = {
+  const vm: { running: boolean; calls: string[]; control: VmControl } = {
     running,
     calls,
     control: {
@@ -59,7 +59,7 @@ function fakeVm(running = true) {
         calls.push('cont');
         vm.running = true;
       },
-    } satisfies VmControl,
+    },
   };
   return vm;
 }
