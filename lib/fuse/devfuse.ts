@@ -269,7 +269,7 @@ export class DevFuseMount {
     } catch {
       /* already closed */
     }
-    await this.engine.end();
+    await this.engine.end({ drainMs: 5000 });
     this.log.info({ mountpoint: this.mountpoint, reason }, 'fuse: session ended');
     this.resolveClosed(reason);
   }

@@ -242,13 +242,20 @@ export class FuseEngine {
 
   /**
    * The transport is gone (device reset, /dev/fuse closed, unmounted): in-flight lock waits are
-   * interrupted and the session's handles, locks and lookups are dropped. Idempotent.
+   * interrupted and the session's handles, locks and lookups are dropped. Idempotent. With
+   * `drainMs`, requests still running get that long to finish first, so that the tree is not
+   * torn down under them (not from DESTROY, which is itself one of them).
    */
-  async end(): Promise<void> {
+  async end(opts: { drainMs?: number } = {}): Promise<void> {
     for (const ac of this.inflight.values()) ac.abort();
     this.conn = undefined;
     if (this.ended) return;
     this.ended = true;
+    if (opts.drainMs && this.running > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([this.drain(), new Promise<void>((r) => (timer = setTimeout(r, opts.drainMs).unref()))]);
+      clearTimeout(timer);
+    }
     await this.tree.endSession(this.session).catch((e: unknown) => this.log.error({ err: e }, 'fuse: endSession failed'));
   }
 

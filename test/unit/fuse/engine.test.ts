@@ -318,6 +318,21 @@ describe('FuseEngine', () => {
     expect(tree.calls.filter((c) => c[0] === 'endSession').length).toBe(2);
   });
 
+  it('end({drainMs}) lets running requests finish before the session is dropped', async () => {
+    let finish!: () => void;
+    const tree = stubTree({ read: () => new Promise((r) => (finish = () => r(Buffer.from('late')))) });
+    const e = await started(tree);
+    const reading = e.handle(F.read(h(5), 3, 0, 10));
+    await new Promise((r) => setImmediate(r));
+    const ending = e.end({ drainMs: 5000 });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(tree.calls.some((c) => c[0] === 'endSession')).toBe(false);
+    finish();
+    expect(parse(await reading).payload.toString()).toBe('late');
+    await ending;
+    expect(tree.calls.at(-1)![0]).toBe('endSession');
+  });
+
   it('fuzz: mutated frames never make handle() reject, and every reply is well formed for its unique', async () => {
     const e = await started(stubTree());
     const seeds = corpus();
