@@ -224,7 +224,8 @@ export class RemoteDisks {
     }
 
     const vmName = vm?.name;
-    const priority = vm?.pathPriority ?? 'normal';
+    // pathPriority, else the VM's QoS priority class: a high-priority VM takes the least-loaded path.
+    const priority = vm?.pathPriority ?? (vm?.qos?.priority === 'high' ? 'high' : 'normal');
     const replicas: ReplicaVolume[] = await Promise.all(
       record.replicas.map((r) => this.openReplica(nodes.get(r.node)!, r.export ?? spec.name, spec, size, log, vmName, priority)),
     );
