@@ -773,19 +773,25 @@ export function packDirentsPlus(entries: readonly DirEntryPlus[], maxSize: numbe
   return { buf, count };
 }
 
+/** One fuse_dirent at `off` (the name copied out). */
+function readDirent(b: Buffer, off: number): DirEntry {
+  const namelen = b.readUInt32LE(off + 16);
+  return {
+    ino: Number(b.readBigUInt64LE(off)),
+    offset: Number(b.readBigUInt64LE(off + 8)),
+    type: b.readUInt32LE(off + 20),
+    name: Buffer.from(b.subarray(off + 24, off + 24 + namelen)),
+  };
+}
+
 /** Parses a READDIR reply payload (for tests and front-end drivers). */
 export function unpackDirents(b: Buffer): DirEntry[] {
   const out: DirEntry[] = [];
   let off = 0;
   while (off + Size.DIRENT <= b.length) {
-    const namelen = b.readUInt32LE(off + 16);
-    out.push({
-      ino: Number(b.readBigUInt64LE(off)),
-      offset: Number(b.readBigUInt64LE(off + 8)),
-      type: b.readUInt32LE(off + 20),
-      name: Buffer.from(b.subarray(off + 24, off + 24 + namelen)),
-    });
-    off += direntSize(namelen);
+    const e = readDirent(b, off);
+    out.push(e);
+    off += direntSize(e.name.length);
   }
   return out;
 }
@@ -795,17 +801,9 @@ export function unpackDirentsPlus(b: Buffer): (DirEntry & { nodeId: number; attr
   const out: (DirEntry & { nodeId: number; attr: Attr })[] = [];
   let off = 0;
   while (off + Size.DIRENTPLUS <= b.length) {
-    const d = off + Size.ENTRY_OUT;
-    const namelen = b.readUInt32LE(d + 16);
-    out.push({
-      nodeId: Number(b.readBigUInt64LE(off)),
-      attr: readAttr(b, off + 40),
-      ino: Number(b.readBigUInt64LE(d)),
-      offset: Number(b.readBigUInt64LE(d + 8)),
-      type: b.readUInt32LE(d + 20),
-      name: Buffer.from(b.subarray(d + 24, d + 24 + namelen)),
-    });
-    off += direntPlusSize(namelen);
+    const e = readDirent(b, off + Size.ENTRY_OUT);
+    out.push({ nodeId: Number(b.readBigUInt64LE(off)), attr: readAttr(b, off + 40), ...e });
+    off += direntPlusSize(e.name.length);
   }
   return out;
 }

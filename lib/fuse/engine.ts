@@ -167,6 +167,16 @@ export class FuseEngine {
     return this.conn;
   }
 
+  /**
+   * Continues a session that INIT settled in another process (the daemon's live handoff,
+   * lib/daemon/handoff.ts: `negotiated` there, this here): as if INIT had just been answered.
+   */
+  resumeSession(n: Negotiated): void {
+    this.conn = { ...n };
+    this.ended = false;
+    this.decodeOpts = { setxattrExt: (n.flags & Init.SETXATTR_EXT) !== 0n, maxWrite: n.maxWrite, maxRead: Math.max(n.maxWrite, n.maxPages * PAGE) };
+  }
+
   /** Requests being served now. */
   get inFlight(): number {
     return this.running;
