@@ -122,6 +122,43 @@ export interface BackendOptions {
   /** Called once when the connection has ended and the device has been reset. */
   onClose?: (err?: Error) => void;
   native?: NativeAddon;
+  /** Start quiesced (a back end built from a handoff: `start()` once the old process let go). */
+  frozen?: boolean;
+}
+
+/**
+ * A connection's state as plain data, for a live handoff to another process
+ * (lib/daemon/handoff.ts): what the front end's messages set up, so that a back end built from
+ * it carries on as if it had received them. Fds are indices into the array sent beside it.
+ * Bigints (feature words, ring addresses) travel as decimal strings.
+ */
+export interface BackendState {
+  version: 1;
+  /** The connection itself. */
+  conn: number;
+  features: string;
+  protocolFeatures: string;
+  regions: Array<{ guestAddr: number; size: number; userAddr: number; mmapOffset: number; fd: number }>;
+  inflight: { fd: number; offset: number; size: number; numQueues: number; queueSize: number } | null;
+  queues: Array<{
+    size: number;
+    addr: { flags: number; desc: string; used: string; avail: string; log: string } | null;
+    base: number;
+    enabled: boolean;
+    /** The ring runs (kick received, no GET_VRING_BASE since): where it stands. */
+    ring: { lastAvail: number; usedIdx: number } | null;
+    kick: number;
+    call: number;
+    err: number;
+  }>;
+}
+
+/** A quiesce that could not finish (a request still in flight, a half-read message). */
+export class QuiesceError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'QuiesceError';
+  }
 }
 
 export class VhostUserBackend {
@@ -131,8 +168,17 @@ export class VhostUserBackend {
   private readonly ch: Channel;
   private readonly queues: Queue[];
   private mem = new GuestMemory();
-  /** The inflight area (GET/SET_INFLIGHT_FD): one part per queue of `queueSize` entries. */
-  private inflightArea: { chunks: Uint8Array[]; numQueues: number; queueSize: number } | null = null;
+  /** Each mapped region's fd and mmap offset: kept open for a live handoff (exportState). */
+  private readonly regionFds = new Map<Region, { fd: number; offset: number }>();
+  /** The inflight area (GET/SET_INFLIGHT_FD): one part per queue of `queueSize` entries; its fd kept for a handoff. */
+  private inflightArea: { chunks: Uint8Array[]; numQueues: number; queueSize: number; fd: number; offset: number; size: number } | null = null;
+  /**
+   * Quiesced for a handoff (or built from one and not started yet): no message is read, no ring
+   * entry is popped; requests already in flight complete and are pushed.
+   */
+  private frozen = false;
+  /** Handed over: the connection lives on in another process; ending it here resets nothing. */
+  private detached = false;
   private features = 0n;
   private protocolFeatures = 0n;
   private chain: Promise<void> = Promise.resolve();
@@ -154,6 +200,11 @@ export class VhostUserBackend {
       onMessage: (m) => this.enqueue(m),
       onClose: (err) => this.teardown(err),
     });
+    if (opts.frozen) {
+      // Synchronously after the Channel started watching: no read can have happened.
+      this.frozen = true;
+      this.ch.pause();
+    }
   }
 
   get offeredFeatures(): bigint {
@@ -169,6 +220,186 @@ export class VhostUserBackend {
     this.ch.close(err);
   }
 
+  // ---- live handoff (lib/daemon/handoff.ts) ------------------------------------------------
+
+  /**
+   * Handoff, step 1: stop reading messages and popping ring entries; the messages already read
+   * are handled and the requests in flight complete (used entries pushed, the driver notified).
+   * Resolves when nothing is in flight. Throws QuiesceError, resumed, when that takes longer
+   * than `timeoutMs` (a request waiting for a lock, say) or a message was read only in part.
+   * What the guest queues meanwhile waits in the rings and the socket for whoever resumes.
+   */
+  async quiesce(timeoutMs = 10_000): Promise<void> {
+    if (this.closed) throw new QuiesceError('the connection is closed');
+    this.frozen = true;
+    this.ch.pause();
+    for (const q of this.queues) this.stopWatching(q);
+    const deadline = Date.now() + timeoutMs;
+    try {
+      for (;;) {
+        const chain = this.chain;
+        await beforeDeadline(chain, deadline, 'a vhost-user message is still being handled');
+        if (chain === this.chain) break;
+      }
+      if (this.midMessage()) throw new QuiesceError('a vhost-user message was read only in part');
+      await beforeDeadline(Promise.all(this.queues.map((q) => this.drainQueue(q))), deadline, 'requests still in flight (waiting for a lock?)');
+      this.flushNotify();
+      if (this.closed) throw new QuiesceError('the connection closed while quiescing');
+    } catch (e) {
+      this.resume();
+      throw e;
+    }
+  }
+
+  /**
+   * The Channel's reader holds a message's first bytes only if the front end sent a message in
+   * parts; QEMU sends each in one sendmsg, so this is a safety check. (Channel keeps its reader
+   * private; this reads its `midMessage` without reaching into anything else.)
+   */
+  private midMessage(): boolean {
+    return (this.ch as unknown as { reader?: { midMessage?: boolean } }).reader?.midMessage === true;
+  }
+
+  private drainQueue(q: Queue): Promise<void> {
+    if (q.inflight === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      q.drained = resolve;
+    });
+  }
+
+  /** Undoes quiesce() (a handoff that failed), or starts a back end built by restore(). */
+  resume(): void {
+    if (!this.frozen) return;
+    this.frozen = false;
+    if (this.closed) return;
+    if (this.queued < MAX_QUEUED) this.ch.resume();
+    for (const q of this.queues) if (q.ring !== null && q.kickWatcher === null) this.watchKick(q);
+    // As a kick would: entries the guest made available meanwhile are popped now.
+    for (const q of this.queues) this.process(q);
+  }
+
+  /** A back end built by restore() starts serving (the old process has let go). */
+  start(): void {
+    this.resume();
+  }
+
+  /** Handoff, step 2 (after quiesce): the state and the fds it names, still owned by this back end. */
+  exportState(): { state: BackendState; fds: number[] } {
+    if (!this.frozen || this.closed) throw new Error('exportState needs a quiesced, open connection');
+    if (this.queues.some((q) => q.inflight > 0)) throw new Error('exportState with requests in flight');
+    const fds: number[] = [];
+    const idx = (f: number): number => (f < 0 ? -1 : fds.push(f) - 1);
+    const a = this.inflightArea;
+    const state: BackendState = {
+      version: 1,
+      conn: idx(this.ch.fd),
+      features: this.features.toString(),
+      protocolFeatures: this.protocolFeatures.toString(),
+      regions: this.mem.list().map((r) => {
+        const f = this.regionFds.get(r)!;
+        return { guestAddr: r.guestAddr, size: r.size, userAddr: r.userAddr, mmapOffset: f.offset, fd: idx(f.fd) };
+      }),
+      inflight: a ? { fd: idx(a.fd), offset: a.offset, size: a.size, numQueues: a.numQueues, queueSize: a.queueSize } : null,
+      queues: this.queues.map((q) => ({
+        size: q.size,
+        addr: q.addr ? { flags: q.addr.flags, desc: q.addr.desc.toString(), used: q.addr.used.toString(), avail: q.addr.avail.toString(), log: q.addr.log.toString() } : null,
+        base: q.base,
+        enabled: q.enabled,
+        ring: q.ring ? { lastAvail: q.ring.lastAvail, usedIdx: q.ring.usedIdx } : null,
+        kick: idx(q.kickFd),
+        call: idx(q.callFd),
+        err: idx(q.errFd),
+      })),
+    };
+    return { state, fds };
+  }
+
+  /**
+   * Handoff, last step (the new process has the connection): closes this process's copies of
+   * the fds without a word to the front end and without resetting the device.
+   */
+  detach(): void {
+    this.detached = true;
+    this.ch.close();
+  }
+
+  /**
+   * A back end from a handed-over state, quiesced until start(). Takes every fd of `fds`: on
+   * failure they are closed (the old process still holds its own copies, so it can resume).
+   */
+  static restore(state: BackendState, fds: number[], device: VhostUserDevice, opts: BackendOptions): VhostUserBackend {
+    const n = opts.native ?? native();
+    const used = new Set<number>();
+    const fd = (i: number): number => {
+      if (i < 0) return -1;
+      const f = fds[i];
+      if (f === undefined || used.has(i)) throw new Error(`handoff state: fd #${i} missing or used twice`);
+      used.add(i);
+      return f;
+    };
+    let b: VhostUserBackend | undefined;
+    try {
+      if (state?.version !== 1) throw new Error('unknown vhost-user state version');
+      if (state.queues.length !== device.numQueues) throw new Error(`handoff state of ${state.queues.length} queues for a device of ${device.numQueues}`);
+      b = new VhostUserBackend(fd(state.conn), device, { ...opts, frozen: true });
+      b.load(state, fd);
+    } catch (e) {
+      if (b) {
+        b.detached = true;
+        b.ch.close();
+      }
+      fds.forEach((f, i) => {
+        if (!used.has(i)) closeQuietly(n, f);
+      });
+      throw e;
+    }
+    fds.forEach((f, i) => {
+      if (!used.has(i)) closeQuietly(n, f);
+    });
+    return b;
+  }
+
+  /** restore()'s body: the messages' effects, replayed from the state. */
+  private load(state: BackendState, fd: (i: number) => number): void {
+    this.features = BigInt(state.features);
+    this.protocolFeatures = BigInt(state.protocolFeatures);
+    this.dev.setFeatures(this.features & ~bit(F_PROTOCOL_FEATURES));
+    for (const r of state.regions) {
+      const region = this.mapRegion({ guestAddr: BigInt(r.guestAddr), size: BigInt(r.size), userAddr: BigInt(r.userAddr), mmapOffset: BigInt(r.mmapOffset) }, fd(r.fd));
+      try {
+        this.mem.add(region);
+      } catch (e) {
+        this.releaseRegion(region);
+        throw e;
+      }
+    }
+    const a = state.inflight;
+    if (a) {
+      const f = fd(a.fd);
+      try {
+        this.setInflight({ chunks: this.mapInflight(f, a.size, a.queueSize, a.offset), numQueues: a.numQueues, queueSize: a.queueSize, fd: f, offset: a.offset, size: a.size });
+      } catch (e) {
+        closeQuietly(this.n, f);
+        throw e;
+      }
+    }
+    state.queues.forEach((s, i) => {
+      const q = this.queue(i);
+      q.size = s.size;
+      q.addr = s.addr ? { index: i, flags: s.addr.flags, desc: BigInt(s.addr.desc), used: BigInt(s.addr.used), avail: BigInt(s.addr.avail), log: BigInt(s.addr.log) } : null;
+      q.base = s.base;
+      q.enabled = s.enabled;
+      q.kickFd = fd(s.kick);
+      q.callFd = fd(s.call);
+      q.errFd = fd(s.err);
+      if (s.ring) {
+        q.ring = this.buildRing(q, s.ring.lastAvail, s.ring.usedIdx);
+        // Nothing was in flight at the export: this only takes up the area's bookkeeping.
+        this.recoverInflight(q, q.ring);
+      }
+    });
+  }
+
   // ---- messages ---------------------------------------------------------------------------
 
   /**
@@ -178,7 +409,7 @@ export class VhostUserBackend {
   private enqueue(m: Message): void {
     if (++this.queued >= MAX_QUEUED) this.ch.pause();
     this.chain = this.chain.then(async () => {
-      if (--this.queued < MAX_QUEUED) this.ch.resume();
+      if (--this.queued < MAX_QUEUED && !this.frozen) this.ch.resume();
       if (this.closed) {
         for (const f of m.fds) closeQuietly(this.n, f);
         return;
@@ -285,7 +516,9 @@ export class VhostUserBackend {
         // QEMU sends the region's fd along; it is not needed to find the region.
         if (m.fds.length > 1) throw new ProtocolError('REM_MEM_REG with more than one fd');
         const r = decodeMemRegionMsg(p);
-        const ok = this.mem.remove(toNum(r.guestAddr, 'guest address'), toNum(r.size, 'region size')) !== null;
+        const gone = this.mem.remove(toNum(r.guestAddr, 'guest address'), toNum(r.size, 'region size'));
+        if (gone) this.releaseRegion(gone);
+        const ok = gone !== null;
         if (!ok) this.log.warn({ gpa: r.guestAddr.toString(16) }, 'vhost-user: REM_MEM_REG of an unknown region');
         this.remapRings();
         this.ack(m, ok);
@@ -372,11 +605,12 @@ export class VhostUserBackend {
         const size = inflightBytes(req.numQueues, req.queueSize);
         const fd = this.n.memfdCreate('vstore-inflight', size);
         try {
-          this.inflightArea = { chunks: this.mapInflight(fd, size, req.queueSize), numQueues: req.numQueues, queueSize: req.queueSize };
-          this.reply(m, encodeInflight({ mmapSize: BigInt(size), mmapOffset: 0n, numQueues: req.numQueues, queueSize: req.queueSize }), [fd]);
-        } finally {
+          this.setInflight({ chunks: this.mapInflight(fd, size, req.queueSize), numQueues: req.numQueues, queueSize: req.queueSize, fd, offset: 0, size });
+        } catch (e) {
           closeQuietly(this.n, fd);
+          throw e;
         }
+        this.reply(m, encodeInflight({ mmapSize: BigInt(size), mmapOffset: 0n, numQueues: req.numQueues, queueSize: req.queueSize }), [fd]);
         return;
       }
       case Req.SET_INFLIGHT_FD: {
@@ -389,9 +623,10 @@ export class VhostUserBackend {
           if (req.mmapSize < BigInt(size)) throw new ProtocolError(`inflight area of ${req.mmapSize} bytes, need ${size}`);
           const off = toNum(req.mmapOffset, 'inflight offset');
           if (off + size > this.n.fdSize(fd)) throw new ProtocolError('inflight area past the end of its file');
-          this.inflightArea = { chunks: this.mapInflight(fd, size, req.queueSize, off), numQueues: req.numQueues, queueSize: req.queueSize };
-        } finally {
+          this.setInflight({ chunks: this.mapInflight(fd, size, req.queueSize, off), numQueues: req.numQueues, queueSize: req.queueSize, fd, offset: off, size });
+        } catch (e) {
           closeQuietly(this.n, fd);
+          throw e;
         }
         this.ack(m, true);
         return;
@@ -422,6 +657,7 @@ export class VhostUserBackend {
 
   // ---- memory -------------------------------------------------------------------------------
 
+  /** Maps a region; its fd is kept (regionFds) on success and closed on failure. */
   private mapRegion(r: MemRegion, fd: number): Region {
     try {
       const size = toNum(r.size, 'region size');
@@ -437,10 +673,25 @@ export class VhostUserBackend {
         throw new ProtocolError(`memory region ${off}+${size} past the end of its file (${fileSize} bytes)`);
       }
       const ab = this.n.mmapShared(fd, off, size, CHUNK_SIZE);
-      return { guestAddr, userAddr, size, chunks: ab.map((b) => new Uint8Array(b)) };
-    } finally {
+      const region: Region = { guestAddr, userAddr, size, chunks: ab.map((b) => new Uint8Array(b)) };
+      this.regionFds.set(region, { fd, offset: off });
+      return region;
+    } catch (e) {
       closeQuietly(this.n, fd);
+      throw e;
     }
+  }
+
+  /** A region left guest memory: its fd goes (the mapping goes with the last view, on GC). */
+  private releaseRegion(r: Region): void {
+    const f = this.regionFds.get(r);
+    this.regionFds.delete(r);
+    if (f) closeQuietly(this.n, f.fd);
+  }
+
+  private setInflight(a: NonNullable<VhostUserBackend['inflightArea']>): void {
+    if (this.inflightArea) closeQuietly(this.n, this.inflightArea.fd);
+    this.inflightArea = a;
   }
 
   private setMemTable(m: Message): void {
@@ -451,10 +702,12 @@ export class VhostUserBackend {
     try {
       for (let i = 0; i < table.length; i++) mem.add(this.mapRegion(table[i]!, fds[i]!));
     } catch (e) {
-      // mapRegion closed the fds it was given; close the rest.
+      // mapRegion closed the fd it failed on; close the rest, and those of the regions mapped.
       for (let j = mem.count + 1; j < fds.length; j++) closeQuietly(this.n, fds[j]!);
+      for (const r of mem.list()) this.releaseRegion(r);
       throw e instanceof MemoryError ? new ProtocolError(e.message) : e;
     }
+    for (const r of this.mem.list()) this.releaseRegion(r);
     this.mem = mem;
     this.remapRings();
   }
@@ -515,12 +768,18 @@ export class VhostUserBackend {
       }
       this.recoverInflight(q, q.ring);
     }
-    q.kickWatcher = new this.n.FdWatcher(kickFd, (status) => {
+    this.watchKick(q);
+    this.process(q);
+  }
+
+  /** Pops on every kick (not while frozen: the handoff's start() or resume() watches then). */
+  private watchKick(q: Queue): void {
+    if (this.frozen || q.kickFd < 0) return;
+    q.kickWatcher = new this.n.FdWatcher(q.kickFd, (status) => {
       if (status < 0) this.ringFailed(q, new Error(`kick fd error (libuv status ${status})`));
       else this.process(q);
     }, { eventfd: true });
     q.kickWatcher.start();
-    this.process(q);
   }
 
   /**
@@ -588,7 +847,7 @@ export class VhostUserBackend {
   /** Drains the available ring of a started, enabled queue. */
   private process(q: Queue): void {
     const ring = q.ring;
-    if (ring === null || !q.enabled || this.closed) return;
+    if (ring === null || !q.enabled || this.closed || this.frozen) return;
     try {
       // Recovered requests first, in their original order (they are already marked inflight).
       for (const head of q.resubmit.splice(0)) this.dispatch(q, ring.chain(head), true);
@@ -699,8 +958,16 @@ export class VhostUserBackend {
       q.drained = null;
       d?.();
     }
+    for (const r of this.mem.list()) this.releaseRegion(r);
     this.mem = new GuestMemory();
+    if (this.inflightArea) closeQuietly(this.n, this.inflightArea.fd);
     this.inflightArea = null;
+    if (this.detached) {
+      // The device goes on in the process this connection was handed to: nothing is reset.
+      this.log.info('vhost-user: connection handed over');
+      this.onClosed?.();
+      return;
+    }
     try {
       this.dev.reset();
     } catch (e) {
@@ -710,4 +977,13 @@ export class VhostUserBackend {
     else this.log.debug('vhost-user: connection closed');
     this.onClosed?.(err);
   }
+}
+
+/** `p`, or a QuiesceError once `deadline` (ms since the epoch) has passed. */
+function beforeDeadline<T>(p: Promise<T>, deadline: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new QuiesceError(what)), Math.max(0, deadline - Date.now()));
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
 }

@@ -8,7 +8,7 @@ import { chmod, rm } from 'node:fs/promises';
 import { prepareSocket } from '../net/address.js';
 import type { Logger } from '../log.js';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
-import { VhostUserBackend, type VhostUserDevice } from './backend.js';
+import { VhostUserBackend, type BackendState, type VhostUserDevice } from './backend.js';
 import { closeQuietly } from './channel.js';
 
 export interface VhostUserServerOptions {
@@ -17,6 +17,15 @@ export interface VhostUserServerOptions {
   device: VhostUserDevice;
   logger: Logger;
   native?: NativeAddon;
+}
+
+/** A server's state for a live handoff: its listening socket and its connection, if any. */
+export interface ServerState {
+  version: 1;
+  /** Index of the listening socket in the fds. */
+  listen: number;
+  connections: number;
+  connection: BackendState | null;
 }
 
 export class VhostUserServer {
@@ -32,14 +41,104 @@ export class VhostUserServer {
   /** Connections served so far (tests of reconnection). */
   connections = 0;
 
-  private constructor(o: VhostUserServerOptions, n: NativeAddon, lfd: number) {
+  private constructor(o: VhostUserServerOptions, n: NativeAddon, lfd: number, paused = false) {
     this.path = o.path;
     this.n = n;
     this.log = o.logger;
     this.device = o.device;
     this.lfd = lfd;
     this.watcher = new n.FdWatcher(lfd, () => this.onAcceptable());
-    this.watcher.start();
+    if (!paused) this.watcher.start();
+  }
+
+  // ---- live handoff (lib/daemon/handoff.ts) ------------------------------------------------
+
+  /** Stops accepting and quiesces the connection (see VhostUserBackend.quiesce); resume() undoes it. */
+  async quiesce(timeoutMs?: number): Promise<void> {
+    if (this.stopped) throw new Error('the server is closed');
+    this.watcher?.stop();
+    try {
+      await this.backend?.quiesce(timeoutMs);
+    } catch (e) {
+      if (!this.stopped) this.watcher?.start();
+      throw e;
+    }
+  }
+
+  /** After a failed handoff: accepting and serving again. */
+  resume(): void {
+    if (this.stopped) return;
+    this.watcher?.start();
+    this.backend?.resume();
+  }
+
+  /** The listening socket, the connection's state and the fds they name (still this server's). */
+  exportState(): { state: ServerState; fds: number[] } {
+    const conn = this.backend?.exportState();
+    // One fd list: the listening socket first, then the connection's (indices shifted by one).
+    return {
+      state: { version: 1, listen: 0, connections: this.connections, connection: conn ? shiftFds(conn.state, 1) : null },
+      fds: [this.lfd, ...(conn?.fds ?? [])],
+    };
+  }
+
+  /**
+   * The new process serves the socket now: close this process's copies of the listening socket
+   * and the connection, tell the front end nothing, and leave the socket file in place.
+   */
+  async detach(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.watcher?.close();
+    this.watcher = null;
+    closeQuietly(this.n, this.lfd);
+    const b = this.backend;
+    if (b !== null) {
+      const gone = this.idle();
+      b.detach();
+      await gone;
+    }
+  }
+
+  /**
+   * A server from a handed-over state: the listening socket and, when one was connected, the
+   * front end's connection, quiesced until start(). Takes every fd of `fds` (closed on failure).
+   */
+  static adopt(o: VhostUserServerOptions, state: ServerState, fds: number[]): VhostUserServer {
+    const n = o.native ?? native();
+    const lfd = fds[state.listen];
+    if (state.version !== 1 || lfd === undefined || state.listen !== 0) {
+      for (const f of fds) closeQuietly(n, f);
+      throw new Error('bad vhost-user server state');
+    }
+    const s = new VhostUserServer(o, n, lfd, true);
+    s.connections = state.connections;
+    if (state.connection) {
+      try {
+        s.backend = VhostUserBackend.restore(shiftFds(state.connection, -1), fds.slice(1), o.device, { logger: s.log, native: n, onClose: () => s.onBackendClosed() });
+      } catch (e) {
+        s.watcher?.close();
+        closeQuietly(n, lfd);
+        throw e;
+      }
+    } else {
+      for (const f of fds.slice(1)) closeQuietly(n, f);
+    }
+    return s;
+  }
+
+  /** An adopted server starts accepting and serving (the old process has let go). */
+  start(): void {
+    if (this.stopped) return;
+    this.watcher?.start();
+    this.backend?.start();
+    this.log.info({ socket: this.path, connected: this.backend !== null }, 'vhost-user: serving a handed-over socket');
+  }
+
+  private onBackendClosed(): void {
+    this.backend = null;
+    this.log.info({ socket: this.path }, 'vhost-user: front end disconnected');
+    for (const w of this.closedWaiters.splice(0)) w();
   }
 
   static async listen(o: VhostUserServerOptions): Promise<VhostUserServer> {
@@ -88,11 +187,7 @@ export class VhostUserServer {
         this.backend = new VhostUserBackend(fd, this.device, {
           logger: this.log,
           native: this.n,
-          onClose: () => {
-            this.backend = null;
-            this.log.info({ socket: this.path }, 'vhost-user: front end disconnected');
-            for (const w of this.closedWaiters.splice(0)) w();
-          },
+          onClose: () => this.onBackendClosed(),
         });
       } catch (e) {
         this.log.error({ err: e }, 'vhost-user: cannot serve the connection');
@@ -128,4 +223,16 @@ export class VhostUserServer {
     }
     await rm(this.path, { force: true });
   }
+}
+
+/** The state with every fd index moved by `d` (absent fds, -1, stay). */
+function shiftFds(c: BackendState, d: number): BackendState {
+  const m = (i: number): number => (i < 0 ? i : i + d);
+  return {
+    ...c,
+    conn: m(c.conn),
+    regions: c.regions.map((r) => ({ ...r, fd: m(r.fd) })),
+    inflight: c.inflight ? { ...c.inflight, fd: m(c.inflight.fd) } : null,
+    queues: c.queues.map((q) => ({ ...q, kick: m(q.kick), call: m(q.call), err: m(q.err) })),
+  };
 }
