@@ -31,7 +31,7 @@ done
 [ -f "$ROOT/dist/lib/cli/index.js" ] || { echo "bench: vstore is not built: npm run build" >&2; exit 1; }
 
 mkdir -p "$WORK" "$OUT"
-rm -f "$OUT"/*.json
+rm -f "$OUT"/*.json "$OUT"/*.cpu
 IMG=$WORK/bench.img
 RUN=$WORK/run
 SOCK=$RUN/vm-disk0.sock
