@@ -348,6 +348,14 @@ export class RemoteVolume extends EventEmitter implements Volume {
    * it. Without multi-conn, the active path while it is not down. Null when none is left.
    */
   private choose(tried: ReadonlySet<Path> | null): Slot | null {
+    if (this.nodePaths.paths.length === 1) {
+      // One path (a unix socket, a single address): no selection, no allocation.
+      if (tried) return null;
+      let best: Slot | null = null;
+      for (const s of this.slots) if (s.conn !== null && s.conn.ready && (!best || s.conn.pending < best.conn!.pending)) best = s;
+      return best;
+    }
+    // A few small arrays per request (slots are a handful): cheaper than keeping them in sync.
     const ready = this.slots.filter((s) => s.conn !== null && s.conn.ready && !(tried?.has(s.path) ?? false));
     if (ready.length === 0) return null;
     if (!this.caps.multiConn) {

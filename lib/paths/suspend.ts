@@ -236,8 +236,8 @@ export class VmSuspender {
       this.log.info('VM already paused (not by vstore): left as it is, requests queue');
       return;
     }
-    this.pausedByUs = true;
     await c.stop();
+    this.pausedByUs = true;
     let handed = 0;
     for (const d of this.disks.values()) handed += d.gate?.suspend() ?? 0;
     this.log.warn({ handedBack: handed }, 'VM paused over QMP; its outstanding requests handed back to QEMU');
