@@ -120,16 +120,16 @@ export class DevFuseMount {
   }
 
   /**
-   * Unmounts: umount2, lazily (MNT_DETACH) when the mount is busy, then closes /dev/fuse.
+   * Unmounts: umount2 (or fusermount3 -u), lazily when the mount is busy, then closes /dev/fuse.
    * Idempotent; resolves when the session has ended.
    */
   async unmount(): Promise<EndReason> {
     if (!this.ending && this.mounted) {
       this.mounted = false;
-      const busy = this.method === 'mount' ? this.umount2() : await this.fusermountU();
+      const busy = this.method === 'mount' ? await this.umount2() : await this.fusermountU();
       if (busy) {
         this.log.warn({ mountpoint: this.mountpoint }, 'fuse: mount busy, detached lazily');
-        if (this.method === 'mount') this.umount2(MNT_DETACH);
+        if (this.method === 'mount') await this.umount2(MNT_DETACH);
         else await this.fusermountU(true);
       } else {
         this.log.info({ mountpoint: this.mountpoint }, 'fuse: unmounted');
@@ -139,10 +139,10 @@ export class DevFuseMount {
     return this.closed;
   }
 
-  /** umount2; true when the mount is busy. Not mounted any more (EINVAL) is fine. */
-  private umount2(flags = 0): boolean {
+  /** umount2 (off the event loop, which serves the unmount's own requests); true when busy. Not mounted any more (EINVAL) is fine. */
+  private async umount2(flags = 0): Promise<boolean> {
     try {
-      native().fuseUnmount(this.mountpoint, flags);
+      await native().fuseUnmount(this.mountpoint, flags);
     } catch (e) {
       const code = (e as { code?: string }).code;
       if (code === 'EBUSY' && flags === 0) return true;

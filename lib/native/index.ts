@@ -88,8 +88,8 @@ export interface NativeAddon {
   // The host FUSE mount (native/src/fuse.cc); /dev/fuse itself is read and written from JS.
   /** mount(2): `data` is the fuse option string (fd=N,rootmode=...,user_id=...,group_id=...). */
   fuseMount(source: string, target: string, fstype: string, flags: number, data: string): void;
-  /** umount2(2); `flags` MNT_FORCE 1, MNT_DETACH 2. */
-  fuseUnmount(target: string, flags: number): void;
+  /** umount2(2) on the thread pool; `flags` MNT_FORCE 1, MNT_DETACH 2. */
+  fuseUnmount(target: string, flags: number): Promise<void>;
   /** socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC): [ours, theirs] (theirs: fusermount3's _FUSE_COMMFD). */
   fuseSocketPair(): [number, number];
   /** Sets O_NONBLOCK on an fd. */

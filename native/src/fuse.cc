@@ -34,18 +34,38 @@ Napi::Value FuseMount(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// fuseUnmount(target, flags): umount2(2). Throws a system error (EINVAL: not mounted; EBUSY).
+// fuseUnmount(target, flags): umount2(2) on the thread pool -> Promise (rejects with a system
+// error: EINVAL not mounted, EBUSY). Never on the event loop: an unmount may wait for the
+// filesystem (writeback of pages a mapping dirtied), and the filesystem is served by that loop.
+class UnmountWorker : public Napi::AsyncWorker {
+ public:
+  UnmountWorker(Napi::Env env, std::string target, int flags)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), target_(std::move(target)), flags_(flags) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override { err_ = umount2(target_.c_str(), flags_) != 0 ? errno : 0; }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_) deferred_.Reject(SysError(env, err_, "umount2").Value());
+    else deferred_.Resolve(env.Undefined());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string target_;
+  int flags_;
+  int err_ = 0;
+};
+
 Napi::Value FuseUnmount(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber()) {
     Napi::TypeError::New(env, "fuseUnmount(target, flags)").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  std::string target = info[0].As<Napi::String>();
-  if (umount2(target.c_str(), info[1].As<Napi::Number>().Int32Value()) != 0) {
-    SysError(env, errno, "umount2").ThrowAsJavaScriptException();
-  }
-  return env.Undefined();
+  auto* w = new UnmountWorker(env, info[0].As<Napi::String>(), info[1].As<Napi::Number>().Int32Value());
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
 }
 
 // fuseSocketPair(): a connected AF_UNIX SOCK_STREAM pair [ours, theirs], close-on-exec; `theirs`
