@@ -125,7 +125,7 @@ export function registerStatus(program: Command): void {
   program
     .command('status')
     .summary("show the running daemon's VMs, disks and counters")
-    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume")
+    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume; then suspended VMs and the paths to storage nodes (state, in flight, service time, counters, failovers)")
     .addOption(controlOption())
     .option('--json', 'print the raw status object (GET /v1/status) as JSON', false)
     .addHelpText(
