@@ -80,6 +80,33 @@ describe('QosVolume', () => {
   });
 });
 
+describe('ordering through Ordered(Qos(volume))', () => {
+  it('a flush waits for the writes it covers even while they wait for their limit; overlapping writes keep their order', async () => {
+    const log: string[] = [];
+    const mem = new MemoryVolume({ size: 1 << 20, hook: (op, off) => void log.push(`${op}@${off}`) });
+    const sched = new QosScheduler({ depth: 4 });
+    const flow = sched.addFlow('a', { ...DEFAULT_QOS, limit: { iops: 200, burstSeconds: 0 } });
+    const v = new OrderedVolume(new QosVolume(mem, flow));
+    const done: string[] = [];
+    const writes = Array.from({ length: 8 }, (_, i) => v.write((i % 4) * 4096, Buffer.alloc(4096, i + 1), { fua: true }).then(() => void done.push(`w${i}`)));
+    const flush = v.flush().then(() => void done.push('flush'));
+    // a later write may pass the flush (NBD allows it) but not the earlier writes it overlaps
+    const after = v.write(0, Buffer.alloc(4096, 0xee)).then(() => void done.push('after'));
+    await Promise.all([...writes, flush, after]);
+    const iFlush = log.indexOf('flush@0');
+    expect(log.slice(0, iFlush).filter((x) => x.startsWith('write')).length).toBeGreaterThanOrEqual(8); // the flush ran after every earlier write
+    expect(done.indexOf('flush')).toBeGreaterThan(Math.max(...Array.from({ length: 8 }, (_, i) => done.indexOf(`w${i}`))));
+    expect(done.indexOf('after')).toBeGreaterThan(Math.max(done.indexOf('w0'), done.indexOf('w4')));
+    const b = Buffer.alloc(4096);
+    await v.read(4096, b);
+    expect(b[0]).toBe(6); // writes 2 and 6 overlap at 4096: the later one wins
+    await v.read(0, b);
+    expect(b[0]).toBe(0xee);
+    // and they were paced by the limit: 10 requests at 200/s, the first 20 ms of slack free
+    expect(flow.status(sched.clock.now()).throttledSeconds).toBeGreaterThan(0.05);
+  });
+});
+
 let dir: string;
 let daemon: Daemon | undefined;
 beforeEach(() => {
