@@ -15,13 +15,14 @@ export function baseQuery(baseDir: string): string {
 export function registerVm(program: Command): void {
   const vm = program
     .command('vm')
-    .description('add or remove a VM (and all its disks) of the running daemon')
+    .description("add or remove a VM (and all its disks) of the running daemon, or show and change a VM's service level (qos)")
     .addHelpText(
       'after',
       `
 Examples:
   $ vstore vm add vm2.yaml
-  $ vstore vm remove vm2`,
+  $ vstore vm remove vm2
+  $ vstore vm qos vm1 --limit-iops 500`,
     );
 
   vm.command('add')
