@@ -23,16 +23,21 @@ export function registerServe(program: Command): void {
     )
     .requiredOption('-c, --config <file>', 'daemon config, JSON or YAML (see fixtures/demo.yaml)')
     .addOption(new Option('--log-level <level>', 'log level, overriding the config’s log.level').choices([...LOG_LEVELS]))
+    .option(
+      '--takeover',
+      'take over from the daemon running on this config without breaking mounted shares: its virtiofs connections move to this process live (over CONTROL.handoff), then it drains its disks and exits 0, and this one starts them',
+    )
     .addHelpText(
       'after',
       `
 Example:
   $ vstore serve --config /etc/vstore/vstore.yaml
   $ vstore serve -c fixtures/demo.yaml --log-level debug
+  $ vstore serve -c /etc/vstore/vstore.yaml --takeover     # restart or upgrade under running guests
 
 Logs are JSON lines (pino) on stderr.`,
     )
-    .action(async (opts: { config: string; logLevel?: string }) => {
+    .action(async (opts: { config: string; logLevel?: string; takeover?: boolean }) => {
       const config = await loadConfig(opts.config);
       const logger = createLogger({ level: opts.logLevel ?? config.log.level });
       const daemon = new Daemon(config, {
@@ -42,6 +47,7 @@ Logs are JSON lines (pino) on stderr.`,
         shareServers: shareServerFactory,
         version: packageVersion(),
         baseDir: path.dirname(path.resolve(opts.config)),
+        ...(opts.takeover ? { takeover: true } : {}),
       });
       let started: Promise<boolean> | undefined;
       // A signal during startup is a normal stop (exit 0, like qemu-storage-daemon): start()
@@ -78,6 +84,7 @@ Logs are JSON lines (pino) on stderr.`,
         const tcp = (st.tcpAddresses ?? []).map((a) => formatHostPort(a.host, a.port)).join(', ');
         process.stdout.write(`vstore: control socket ${config.control}${tcp ? `, TCP ${tcp}` : ''}\n`);
       }
-      exitAfterLogs(logger, await exited);
+      // Handed over to a new daemon (vstore serve --takeover): stopped already, exit 0.
+      exitAfterLogs(logger, await Promise.race([exited, daemon.handedOff.then(() => 0)]));
     });
 }

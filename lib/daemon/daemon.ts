@@ -24,7 +24,10 @@ import { ControlServer, type DaemonStatus } from './control.js';
 import { RemoteDisks } from './remote.js';
 import { PathTable } from '../paths/node-paths.js';
 import { DEFAULT_PATH_POLICY } from '../paths/policy.js';
-import type { ShareDeps, ShareServerFactory } from './virtiofs.js';
+import { HandoffError, HandoffServer, handoffSocketPath, takeOver } from './handoff.js';
+import { shareSource, type AdoptedShare, type ShareDeps, type ShareServerFactory } from './virtiofs.js';
+import { native } from '../native/index.js';
+import { closeQuietly } from '../vhost/channel.js';
 import { RegistryError, VmRegistry, type NbdServerFactory, type NbdServerLike, type VhostServerFactory, type VolumeOpener } from './registry.js';
 
 export interface DaemonDeps {
@@ -42,6 +45,12 @@ export interface DaemonDeps {
   version?: string;
   /** Directory the config's relative paths were resolved against (control requests use it too). */
   baseDir?: string;
+  /**
+   * `vstore serve --takeover`: take the virtiofs shares of the daemon running on this config
+   * (live, over its handoff socket: lib/daemon/handoff.ts) before starting anything else, and
+   * the rest once it has stopped.
+   */
+  takeover?: boolean;
 }
 
 export const openFileVolume: VolumeOpener = (d: DiskConfig) =>
@@ -62,6 +71,13 @@ export class Daemon {
   private stopping: Promise<void> | undefined;
   /** Settles (never rejects) once start()'s steps have ended, however they ended. */
   private startup: Promise<void> | undefined;
+  private shareFactory: ShareServerFactory | undefined;
+  /** Shares taken over from the previous daemon, by `vm\0tag`, until the registry adopts them. */
+  private readonly adopted = new Map<string, AdoptedShare>();
+  private handoff: HandoffServer | undefined;
+  private handedOffResolve!: () => void;
+  /** Resolves when this daemon has handed its shares to a new one and stopped (the process then exits 0). */
+  readonly handedOff: Promise<void> = new Promise((resolve) => (this.handedOffResolve = resolve));
 
   constructor(
     readonly config: DaemonConfig,
@@ -114,6 +130,9 @@ export class Daemon {
       this.tcpServer = this.deps.createServer({ logger: logger.child({ listener: 'tcp' }), ...(tls ? { tls } : {}) });
     }
     await this.startStorage(checkStop);
+    this.shareFactory = this.deps.shareServers?.({ logger: logger.child({ component: 'shares' }), ...(this.resolver ? { resolver: this.resolver } : {}), nodesCache: new Map() });
+    if (this.deps.takeover) await this.takeOverShares();
+    checkStop();
     const paths = new PathTable(config.paths ?? DEFAULT_PATH_POLICY, logger.child({ component: 'paths' }));
     const remote = this.resolver ? new RemoteDisks({ resolver: this.resolver, stateDir: config.stateDir, logger: logger.child({ component: 'remote' }), paths }) : undefined;
     this.remote = remote;
@@ -133,9 +152,7 @@ export class Daemon {
         return remote.open(d, vm);
       },
       ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
-      ...(this.deps.shareServers
-        ? { createShareServer: this.deps.shareServers({ logger: logger.child({ component: 'shares' }), ...(this.resolver ? { resolver: this.resolver } : {}), nodesCache: new Map() }) }
-        : {}),
+      ...(this.shareFactory ? { createShareServer: this.adoptingFactory(this.shareFactory) } : {}),
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
     });
     this.registry = registry;
@@ -172,6 +189,76 @@ export class Daemon {
       ...(remote ? { failback: (node?: string) => remote.paths.failback(node) } : {}),
     });
     await this.control.listen(config.control);
+    // Whatever was taken over and is not in a VM of the config (cannot happen: checked at adopt).
+    for (const a of this.adopted.values()) await a.close().catch(() => {});
+    this.adopted.clear();
+    if (this.shareFactory?.adopt) {
+      this.handoff = await HandoffServer.listen({
+        path: handoffSocketPath(config.control),
+        logger: logger.child({ component: 'handoff' }),
+        source: {
+          withShares: (fn) => registry.handOverShares(fn),
+          stop: () => this.stop(),
+        },
+      });
+      void this.handoff.done.then(() => this.handedOffResolve());
+    }
+  }
+
+  /**
+   * --takeover: the running daemon's shares, live. Only shares whose tree this process can open
+   * while the other still runs: a local directory, or a directory on a storage node through a
+   * resolver that is not embedded in the daemon (the embedded resolver and storage nodes are the
+   * running daemon's until it stops).
+   */
+  private async takeOverShares(): Promise<void> {
+    const { config, logger } = this;
+    if (config.resolver?.store || config.nodes.length > 0) {
+      throw new ConfigError(['--takeover: the config embeds a resolver or storage nodes (resolver.store, nodes): those cannot run in two daemons at once; use an external resolver (resolver.url)']);
+    }
+    const factory = this.shareFactory;
+    if (!factory?.adopt) throw new ConfigError(['--takeover: this daemon cannot serve shares']);
+    const adopt = factory.adopt;
+    const list = await takeOver({
+      path: handoffSocketPath(config.control),
+      logger: logger.child({ component: 'handoff' }),
+      adopt: async (st, fds) => {
+        const vm = config.vms.find((v) => v.name === st.vm);
+        const sh = vm?.shares?.find((x) => x.tag === st.tag);
+        const why = !sh
+          ? `share ${st.vm}/${st.tag} of the running daemon is not in this config`
+          : sh.socket !== st.socket
+            ? `share ${st.vm}/${st.tag}: socket ${sh.socket} here, ${st.socket} in the running daemon`
+            : shareSource(sh) !== st.source
+              ? `share ${st.vm}/${st.tag}: ${shareSource(sh)} here, ${st.source} in the running daemon`
+              : undefined;
+        if (why || !sh) {
+          const n = native();
+          for (const f of fds) closeQuietly(n, f);
+          throw new HandoffError(why ?? 'no such share');
+        }
+        const a = await adopt(st.vm, sh, st, fds);
+        this.adopted.set(`${st.vm}\0${st.tag}`, a);
+        return a;
+      },
+    }).catch((e: unknown) => {
+      this.adopted.clear();
+      throw e instanceof HandoffError ? new ConfigError([e.message]) : e;
+    });
+    logger.info({ shares: list.map((a) => `${a.config.tag}`) }, 'takeover: shares served; starting the rest');
+  }
+
+  /** The registry's share factory: a share taken over is served as it is, the others are created. */
+  private adoptingFactory(f: ShareServerFactory): ShareServerFactory {
+    return async (vm, s) => {
+      const key = `${vm}\0${s.tag}`;
+      const a = this.adopted.get(key);
+      if (a) {
+        this.adopted.delete(key);
+        return a;
+      }
+      return f(vm, s);
+    };
   }
 
   /**
@@ -256,6 +343,7 @@ export class Daemon {
       // then take down whatever was started.
       await this.startup;
     }
+    await this.handoff?.close().catch((e: unknown) => log.error({ err: e }, 'closing the handoff socket failed'));
     log.info('stopping: closing the control socket');
     await this.control?.close().catch((e: unknown) => log.error({ err: e }, 'closing the control socket failed'));
     log.info('stopping: draining in-flight requests and flushing every disk');

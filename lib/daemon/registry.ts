@@ -286,6 +286,25 @@ export class VmRegistry {
   }
 
   /**
+   * Live handoff (lib/daemon/handoff.ts): runs `fn` with every share being served, between
+   * mutations (no VM comes or goes meanwhile); the shares `fn` returns were handed to another
+   * process and are forgotten here — not closed: their sockets and connections live on there.
+   */
+  handOverShares(
+    fn: (shares: Array<{ vm: string; share: RunningShare }>) => Promise<Array<{ vm: string; share: RunningShare }>>,
+  ): Promise<void> {
+    return this.serial(async () => {
+      this.open();
+      const all = [...this.vms.values()].flatMap((vm) => [...vm.shares.values()].map((share) => ({ vm: vm.name, share })));
+      const gone = await fn(all);
+      for (const { vm, share } of gone) {
+        const v = this.vms.get(vm);
+        if (v?.shares.get(share.config.tag) === share) v.shares.delete(share.config.tag);
+      }
+    });
+  }
+
+  /**
    * Replaces a VM's service level; it applies from the scheduler's next dispatch. Not queued
    * behind add/remove: it touches no socket or volume.
    */
