@@ -56,6 +56,7 @@ describe('parseConfig', () => {
               nbd: { socket: '/run/vstore/vm1-disk0.sock', export: '' },
             },
           ],
+          shares: [],
         },
       ],
     });
