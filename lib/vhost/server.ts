@@ -38,6 +38,8 @@ export class VhostUserServer {
   private backend: VhostUserBackend | null = null;
   private closedWaiters: (() => void)[] = [];
   private stopped = false;
+  /** detach(): the connection ends here but lives on in another process. */
+  private detaching = false;
   /** Connections served so far (tests of reconnection). */
   connections = 0;
 
@@ -89,6 +91,7 @@ export class VhostUserServer {
   async detach(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
+    this.detaching = true;
     this.watcher?.close();
     this.watcher = null;
     closeQuietly(this.n, this.lfd);
@@ -137,7 +140,7 @@ export class VhostUserServer {
 
   private onBackendClosed(): void {
     this.backend = null;
-    this.log.info({ socket: this.path }, 'vhost-user: front end disconnected');
+    if (!this.detaching) this.log.info({ socket: this.path }, 'vhost-user: front end disconnected');
     for (const w of this.closedWaiters.splice(0)) w();
   }
 
