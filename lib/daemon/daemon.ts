@@ -10,6 +10,7 @@
  */
 import { mkdir, readFile } from 'node:fs/promises';
 import { FileVolume } from '../block/file.js';
+import { CacheHost, cacheHostId, checkDirtyHost } from '../block/cache/host.js';
 import { ConfigError, type DaemonConfig, type DiskConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
@@ -66,6 +67,8 @@ export class Daemon {
   /** The host-wide QoS scheduler (absent with qos.enabled: false). */
   private qos: QosScheduler | undefined;
   private resolver: ResolverStore | undefined;
+  /** The host's cache device (config `cache`). */
+  private cacheHost: CacheHost | undefined;
   private resolverService: ResolverService | undefined;
   private readonly nodes: StorageNode[] = [];
   private stopping: Promise<void> | undefined;
@@ -137,6 +140,15 @@ export class Daemon {
     const remote = this.resolver ? new RemoteDisks({ resolver: this.resolver, stateDir: config.stateDir, logger: logger.child({ component: 'remote' }), paths }) : undefined;
     this.remote = remote;
     const openFile = this.deps.openVolume ?? openFileVolume;
+    if (config.cache) {
+      try {
+        this.cacheHost = await CacheHost.open(config.cache, logger.child({ component: 'cache' }), this.resolver);
+      } catch (e) {
+        throw new ConfigError([`cache.device: cannot open ${config.cache.device}: ${(e as Error).message}`]);
+      }
+      checkStop();
+    }
+    const resolver = this.resolver;
     const hostQos = config.qos ?? DEFAULT_HOST_QOS;
     if (hostQos.enabled) {
       this.qos = new QosScheduler({ depth: hostQos.depth, costUnit: hostQos.costUnit, adviseAfterSeconds: hostQos.adviseAfterSeconds, logger: logger.child({ component: 'qos' }) });
@@ -149,11 +161,20 @@ export class Daemon {
       openVolume: async (d, vm) => {
         if (!d.volume) return openFile(d);
         if (!remote) throw new RegistryError(400, 'volume: this daemon has no resolver (top-level resolver in its config)');
+        // Another host's dirty write-back cache for this volume: refuse to open it writable.
+        if (resolver && !d.readOnly) {
+          try {
+            await checkDirtyHost(resolver, d.volume.name, cacheHostId(config.cache));
+          } catch (e) {
+            throw new RegistryError(409, (e as Error).message.replace(/^EBUSY: /, ''));
+          }
+        }
         return remote.open(d, vm);
       },
       ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
       ...(this.shareFactory ? { createShareServer: this.adoptingFactory(this.shareFactory) } : {}),
       ...(this.tcpServer ? { tcpServer: this.tcpServer } : {}),
+      ...(this.cacheHost ? { cache: this.cacheHost } : {}),
     });
     this.registry = registry;
     for (const [i, vm] of config.vms.entries()) {
@@ -186,6 +207,7 @@ export class Daemon {
       registry,
       resolve: { baseDir: this.deps.baseDir ?? process.cwd(), runDir: config.runDir },
       status: () => this.status(),
+      ...(this.cacheHost ? { cache: this.cacheHost } : {}),
       ...(remote ? { failback: (node?: string) => remote.paths.failback(node) } : {}),
     });
     await this.control.listen(config.control);
@@ -327,6 +349,7 @@ export class Daemon {
       vms: this.registry?.status() ?? [],
       ...(this.remote ? { paths: this.remote.paths.status() } : {}),
       ...(this.qos ? { qos: this.qos.status() } : {}),
+      ...(this.cacheHost ? { cache: { device: this.config.cache!.device, host: this.cacheHost.hostId, ...this.cacheHost.device.deviceStats() } } : {}),
     };
   }
 
@@ -348,7 +371,11 @@ export class Daemon {
     await this.control?.close().catch((e: unknown) => log.error({ err: e }, 'closing the control socket failed'));
     log.info('stopping: draining in-flight requests and flushing every disk');
     await this.registry?.closeAll();
+    // Shares taken over that no VM adopted yet (a startup that failed after the takeover).
+    for (const a of this.adopted.values()) await a.close().catch((e: unknown) => log.error({ err: e }, 'closing a taken-over share failed'));
+    this.adopted.clear();
     this.qos?.close();
+    await this.cacheHost?.close().catch((e: unknown) => log.error({ err: e }, 'closing the cache device failed'));
     if (this.tcpServer) {
       log.info('stopping: closing the TCP listener');
       await this.tcpServer.close().catch((e: unknown) => log.error({ err: e }, 'closing the TCP listener failed'));

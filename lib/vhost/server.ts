@@ -89,18 +89,24 @@ export class VhostUserServer {
    * and the connection, tell the front end nothing, and leave the socket file in place.
    */
   async detach(): Promise<void> {
-    if (this.stopped) return;
-    this.stopped = true;
     this.detaching = true;
+    await this.stopServing((b) => b.detach());
+  }
+
+  /** Stops listening and ends the connection with `end`; false when already stopped. */
+  private async stopServing(end: (b: VhostUserBackend) => void): Promise<boolean> {
+    if (this.stopped) return false;
+    this.stopped = true;
     this.watcher?.close();
     this.watcher = null;
     closeQuietly(this.n, this.lfd);
     const b = this.backend;
     if (b !== null) {
       const gone = this.idle();
-      b.detach();
+      end(b);
       await gone;
     }
+    return true;
   }
 
   /**
@@ -213,17 +219,7 @@ export class VhostUserServer {
 
   /** Stops listening, disconnects the front end and removes the socket. */
   async close(): Promise<void> {
-    if (this.stopped) return;
-    this.stopped = true;
-    this.watcher?.close();
-    this.watcher = null;
-    closeQuietly(this.n, this.lfd);
-    const b = this.backend;
-    if (b !== null) {
-      const gone = this.idle();
-      b.close();
-      await gone;
-    }
+    if (!(await this.stopServing((b) => b.close()))) return;
     await rm(this.path, { force: true });
   }
 }

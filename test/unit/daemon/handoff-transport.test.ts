@@ -42,6 +42,19 @@ async function channelPair(dir: string): Promise<[HandoffChannel, HandoffChannel
 }
 
 const cleanup: Array<() => unknown> = [];
+
+/** A one-queue blk back end over a SlowVolume and the driver connected to it. */
+async function oneQueue(prefix: string): Promise<{ a: VhostUserServer; fe: VhostUserFrontend; vol: SlowVolume }> {
+  const dir = tempDir(prefix);
+  const vol = new SlowVolume({ size: SIZE });
+  const dev = new VirtioBlkDevice({ volume: vol, logger: silentLogger(), numQueues: 1, serial: 'x' });
+  const socket = path.join(dir, 'vu.sock');
+  const a = await VhostUserServer.listen({ path: socket, device: dev, logger: silentLogger() });
+  cleanup.push(() => a.close());
+  const fe = await VhostUserFrontend.connect({ socket, numQueues: 1, queueSize: 64 });
+  cleanup.push(() => fe.close());
+  return { a, fe, vol };
+}
 afterEach(async () => {
   for (const f of cleanup.splice(0).reverse()) await f();
 });
@@ -109,14 +122,7 @@ describe('vhost-user live handoff (front-end driver as QEMU)', () => {
   });
 
   it('a handoff given up before the commit: the first back end serves again, queued requests included', async () => {
-    const dir = tempDir('vst-handoff-abort-');
-    const vol = new SlowVolume({ size: SIZE });
-    const dev = new VirtioBlkDevice({ volume: vol, logger: silentLogger(), numQueues: 1, serial: 'x' });
-    const socket = path.join(dir, 'vu.sock');
-    const a = await VhostUserServer.listen({ path: socket, device: dev, logger: silentLogger() });
-    cleanup.push(() => a.close());
-    const fe = await VhostUserFrontend.connect({ socket, numQueues: 1, queueSize: 64 });
-    cleanup.push(() => fe.close());
+    const { a, fe } = await oneQueue('vst-handoff-abort-');
     await a.quiesce(1000);
     const queued = fe.write(0, patterned(4096, 5));
     const { fds } = a.exportState();
@@ -128,14 +134,7 @@ describe('vhost-user live handoff (front-end driver as QEMU)', () => {
   });
 
   it('refuses to quiesce past its timeout while a request is stuck, and keeps serving', async () => {
-    const dir = tempDir('vst-handoff-stuck-');
-    const vol = new SlowVolume({ size: SIZE });
-    const dev = new VirtioBlkDevice({ volume: vol, logger: silentLogger(), numQueues: 1, serial: 'x' });
-    const socket = path.join(dir, 'vu.sock');
-    const a = await VhostUserServer.listen({ path: socket, device: dev, logger: silentLogger() });
-    cleanup.push(() => a.close());
-    const fe = await VhostUserFrontend.connect({ socket, numQueues: 1, queueSize: 64 });
-    cleanup.push(() => fe.close());
+    const { a, fe, vol } = await oneQueue('vst-handoff-stuck-');
     vol.delayMs = 1500;
     const stuck = fe.write(0, patterned(4096, 1));
     await new Promise((r) => setTimeout(r, 20));
