@@ -12,10 +12,8 @@
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../../lib/daemon/qmp.js';
-import { RpcClient } from '../../lib/rpc/index.js';
-import { requireCommands, run, runGuest, tempDir } from '../helpers/index.js';
-import { freeTcpPort, startDaemonWith, startResolverService, startStorageNode } from '../helpers/cluster.js';
-import { startProxy, type Proxy } from '../unit/paths/proxy.js';
+import { requireCommands, runGuest, tempDir } from '../helpers/index.js';
+import { startPathCluster } from '../unit/paths/cluster.js';
 import { waitFor } from '../unit/paths/wait.js';
 
 beforeAll(() => requireCommands('qemu-system-x86_64'));
@@ -64,27 +62,15 @@ async function connectWhenThere(sock: string): Promise<QmpClient> {
 describe('guest paused over QMP while its disk has no path', () => {
   it('every path cut: QEMU paused (query-status), vstore status suspended; a path back: resumed, the guest saw no I/O error', async () => {
     const dir = tempDir('vst-susp-');
-    const resolver = await startResolverService(path.join(dir, 'resolver'));
-    const nodePort = await freeTcpPort();
-    const node = await startStorageNode({ id: 'backend', data: path.join(dir, 'node'), resolver: resolver.url, extraListen: [`127.0.0.1:${nodePort}`] });
-    const proxies: Proxy[] = [];
+    const cluster = await startPathCluster(dir, { id: 'mp', hosts: ['127.0.0.2', '127.0.0.3'], volumes: ['vm1/disk0'], size: 64 * 1024 * 1024 });
+    const proxies = cluster.proxies;
     const daemonQmp = path.join(dir, 'qmp-vstore.sock');
     const testQmp = path.join(dir, 'qmp-test.sock');
-    let daemon: Awaited<ReturnType<typeof startDaemonWith>> | undefined;
     try {
-      const rpc = new RpcClient(`unix:${path.join(dir, 'node', 'control.sock')}`);
-      await rpc.call('volume.create', { name: 'vm1/disk0', size: 64 * 1024 * 1024 });
-      rpc.close();
-      for (const host of ['127.0.0.2', '127.0.0.3']) proxies.push(await startProxy(host, { host: '127.0.0.1', port: nodePort }));
-      const cli = (args: string[]) => run(process.execPath, [path.resolve('bin/vstore.js'), 'resolver', ...args, '--resolver', resolver.url]);
-      await cli(['node', 'add', 'mp', ...proxies.flatMap((p) => ['--nbd', p.address])]);
-      await cli(['place', 'vm1/disk0', '--size', '64M', '--on', 'mp:vm1/disk0']);
-      daemon = await startDaemonWith(path.join(dir, 'host'), {
-        resolver: { url: resolver.url },
+      const d = await cluster.daemon({
         paths: { requestTimeoutMs: 1000, healthIntervalMs: 300, probeTimeoutMs: 300 },
         vms: [{ name: 'vm1', qmp: daemonQmp, onUnreachable: { action: 'pause' }, disks: [{ name: 'disk0', volume: { size: '64M', replicas: 1 } }] }],
       });
-      const d = daemon;
       const vmStatus = async () => (await d.get<{ vms: VmView[] }>('/v1/status')).vms[0]!;
 
       let scenario: Promise<void> | null = null;
@@ -173,10 +159,7 @@ describe('guest paused over QMP while its disk has no path', () => {
       expect(d.log()).toMatch(/already paused \(not by vstore\)/);
       await d.stop();
     } finally {
-      if (daemon && !daemon.exited) await daemon.stop(false);
-      for (const p of proxies) await p.close();
-      await node.stop(false);
-      await resolver.stop();
+      await cluster.stop();
     }
   }, 300_000);
 });

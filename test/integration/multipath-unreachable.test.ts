@@ -6,10 +6,8 @@
  */
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { RpcClient } from '../../lib/rpc/index.js';
 import { requireCommands, run, tempDir } from '../helpers/index.js';
-import { freeTcpPort, startDaemonWith, startResolverService, startStorageNode } from '../helpers/cluster.js';
-import { startProxy } from '../unit/paths/proxy.js';
+import { startPathCluster } from '../unit/paths/cluster.js';
 import { waitFor } from '../unit/paths/wait.js';
 
 beforeAll(() => requireCommands('qemu-io'));
@@ -21,27 +19,16 @@ interface VmView {
 describe('a VM whose disk has no reachable path', () => {
   it('fail: EIO after failAfterMs; queue: the request completes when a path returns; status shows the suspension', async () => {
     const dir = tempDir('vst-unreach-');
-    const resolver = await startResolverService(path.join(dir, 'resolver'));
-    const nodePort = await freeTcpPort();
-    const node = await startStorageNode({ id: 'backend', data: path.join(dir, 'node'), resolver: resolver.url, extraListen: [`127.0.0.1:${nodePort}`] });
-    const proxy = await startProxy('127.0.0.2', { host: '127.0.0.1', port: nodePort });
-    let daemon: Awaited<ReturnType<typeof startDaemonWith>> | undefined;
+    const cluster = await startPathCluster(dir, { id: 'one', hosts: ['127.0.0.2'], volumes: ['vf/d', 'vq/d'], size: 16 * 1024 * 1024 });
+    const proxy = cluster.proxies[0]!;
     try {
-      const rpc = new RpcClient(`unix:${path.join(dir, 'node', 'control.sock')}`);
-      for (const v of ['vf/d', 'vq/d']) await rpc.call('volume.create', { name: v, size: 16 * 1024 * 1024 });
-      rpc.close();
-      const cli = (args: string[]) => run(process.execPath, [path.resolve('bin/vstore.js'), 'resolver', ...args, '--resolver', resolver.url]);
-      await cli(['node', 'add', 'one', '--nbd', proxy.address]);
-      for (const v of ['vf/d', 'vq/d']) await cli(['place', v, '--size', '16M', '--on', `one:${v}`]);
-      daemon = await startDaemonWith(path.join(dir, 'host'), {
-        resolver: { url: resolver.url },
+      const d = await cluster.daemon({
         paths: { requestTimeoutMs: 1000, healthIntervalMs: 200, probeTimeoutMs: 300 },
         vms: [
           { name: 'vf', onUnreachable: { action: 'fail', failAfterMs: 1500 }, disks: [{ name: 'd', volume: { name: 'vf/d', size: '16M', replicas: 1, waitTimeoutMs: 120_000 } }] },
           { name: 'vq', onUnreachable: { action: 'queue' }, disks: [{ name: 'd', volume: { name: 'vq/d', size: '16M', replicas: 1 } }] },
         ],
       });
-      const d = daemon;
       const vm = async (name: string) => (await d.get<{ vms: Array<VmView & { name: string }> }>('/v1/status')).vms.find((v) => v.name === name)!;
       const io = (name: string, cmd: string) =>
         run('qemu-io', ['-f', 'raw', '-c', cmd, `nbd+unix:///?socket=${d.diskSocket(name, 'd')}`], { check: false, timeoutMs: 60_000 });
@@ -73,10 +60,7 @@ describe('a VM whose disk has no reachable path', () => {
       expect(table.stdout).not.toMatch(/SUSPENDED/);
       await d.stop();
     } finally {
-      if (daemon && !daemon.exited) await daemon.stop(false);
-      await proxy.close();
-      await node.stop(false);
-      await resolver.stop();
+      await cluster.stop();
     }
   }, 120_000);
 });

@@ -12,11 +12,9 @@ import { spawn } from 'node:child_process';
 import { request } from 'node:http';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { RpcClient } from '../../lib/rpc/index.js';
 import type { PathStatus } from '../../lib/paths/path.js';
 import { MiB, requireCommands, run, tempDir } from '../helpers/index.js';
-import { freeTcpPort, startDaemonWith, startResolverService, startStorageNode } from '../helpers/cluster.js';
-import { startProxy, type Proxy } from '../unit/paths/proxy.js';
+import { startPathCluster } from '../unit/paths/cluster.js';
 import { waitFor } from '../unit/paths/wait.js';
 
 beforeAll(() => requireCommands('fio'));
@@ -50,25 +48,13 @@ describe('multipath to a storage node through the daemon', () => {
   for (const { how, failback } of cases) {
     it(`${how} the VM's path under fio verify: no error, data verified, the path is used again after ${failback === 'manual' ? 'a manual failback' : 'the failback delay'}`, async () => {
       const dir = tempDir(`vst-mp-${how}-`);
-      const resolver = await startResolverService(path.join(dir, 'resolver'));
-      const nodePort = await freeTcpPort();
-      const node = await startStorageNode({ id: 'backend', data: path.join(dir, 'node'), resolver: resolver.url, extraListen: [`127.0.0.1:${nodePort}`] });
-      const proxies: Proxy[] = [];
-      let daemon: Awaited<ReturnType<typeof startDaemonWith>> | undefined;
+      const cluster = await startPathCluster(dir, { id: 'mp', hosts: ['127.0.0.1', '127.0.0.2', '127.0.0.3'], volumes: ['vm1/disk0'], size: SIZE });
+      const proxies = cluster.proxies;
       try {
-        const rpc = new RpcClient(`unix:${path.join(dir, 'node', 'control.sock')}`);
-        await rpc.call('volume.create', { name: 'vm1/disk0', size: SIZE });
-        rpc.close();
-        for (const host of ['127.0.0.1', '127.0.0.2', '127.0.0.3']) proxies.push(await startProxy(host, { host: '127.0.0.1', port: nodePort }));
-        const cli = (args: string[]) => run(process.execPath, [path.resolve('bin/vstore.js'), 'resolver', ...args, '--resolver', resolver.url]);
-        await cli(['node', 'add', 'mp', ...proxies.flatMap((p) => ['--nbd', p.address])]);
-        await cli(['place', 'vm1/disk0', '--size', String(SIZE), '--on', 'mp:vm1/disk0']);
-        daemon = await startDaemonWith(path.join(dir, 'host'), {
-          resolver: { url: resolver.url },
+        const d = await cluster.daemon({
           paths: { selector: 'least-pending', failback: failback === 'manual' ? 'manual' : { delayMs: FAILBACK_MS }, requestTimeoutMs: 1500, healthIntervalMs: 300, probeTimeoutMs: 500 },
           vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: SIZE, replicas: 1, connections: 3 } }] }],
         });
-        const d = daemon;
         const status = () => d.get<Status>('/v1/status');
         const st0 = await waitFor('three paths up', async () => {
           const s = await status();
@@ -149,10 +135,7 @@ describe('multipath to a storage node through the daemon', () => {
         expect(metrics).toMatch(new RegExp(`vstore_path_downs_total\\{node="mp",path="${home.id.replace(/\./g, '\\.')}"\\} 1`));
         await d.stop();
       } finally {
-        if (daemon && !daemon.exited) await daemon.stop(false);
-        for (const p of proxies) await p.close();
-        await node.stop(false);
-        await resolver.stop();
+        await cluster.stop();
       }
     }, 90_000);
   }
