@@ -534,6 +534,9 @@ export class CacheDevice {
       arr.push(this.slotRecord(s));
     }
     const blocks = packBlocks([...diskRecs.map((r) => [r]), ...groups.values()]);
+    // From now on these records may be durable at any moment: a sector they call valid must not
+    // be written in place (the rule of the header) even before the commit completes.
+    for (const recs of groups.values()) for (const r of recs) if (r.type === RecordType.Slot) orInto(this.slotCommitted(r.slot), r.valid);
     try {
       if (data) await this.storage.flush(); // data before the metadata that points at it
       if (blocks.length) {
@@ -585,6 +588,7 @@ export class CacheDevice {
     for (const r of recs) groups.push([r]);
     const body = packBlocks(groups);
     if (body.length > this.sb.checkpointBlocks - 1) throw new VolumeError('ENOSPC', 'cache device: checkpoint area too small');
+    for (const r of recs) orInto(this.slotCommitted(r.slot), r.valid); // may be durable from now on
     // The snapshot above describes completed writes only; their data goes down before it.
     await this.storage.flush();
     for (let i = 0; i < body.length; i++) await this.storage.write((start + 1 + i) * BLOCK, encodeBlock((this.stream + gen) >>> 0, i, body[i]!));
@@ -627,4 +631,8 @@ export class CacheDevice {
     if (!this.failed) await this.commit().catch(() => {});
     await this.storage.close();
   }
+}
+
+function orInto(dst: Uint32Array, src: Uint32Array): void {
+  for (let i = 0; i < dst.length; i++) dst[i]! |= src[i]!;
 }

@@ -483,6 +483,17 @@ export class CacheVolume implements Volume {
       let slots = this.meta.lines.get(line);
       const lastSlot = slots?.[slots.length - 1];
       let slot = lastSlot !== undefined && this.device.slotEpoch[lastSlot] === epoch ? lastSlot : -1;
+      if (slot < 0 && lastSlot !== undefined && this.device.slotEpoch[lastSlot]! < epoch && !this.isDirtySlot(lastSlot) && !anySet(this.device.slotCommitted(lastSlot), s0, s1)) {
+        // The line's newest slot is clean and its durable record does not cover these sectors:
+        // it joins this epoch instead of a new slot per line per epoch (which made a 4 KiB
+        // random write cost a whole line). Its older sectors become dirty again and are written
+        // back once more (the same bytes the backing volume has); a crash before the next
+        // commit finds the old record, which says nothing of the sectors written here.
+        slot = lastSlot;
+        this.device.slotEpoch[slot] = epoch;
+        this.device.mark(slot);
+        this.addDirty(epoch, slot, this.device.slotBytes(slot));
+      }
       // Partial sectors at the edges: read-modify-write of the sector (its current data is
       // the newest slot's or the backing volume's). Aligned writes go down without a copy.
       let data = view;

@@ -31,6 +31,7 @@ class Killable extends VolumeLayer {
   }
   override async write(o: number, b: Buffer, opts?: WriteOptions): Promise<void> {
     this.gate();
+    if (process.env.DBG) console.log('backing write', o / 4096, b.length / 4096, [...Array(b.length / 4096).keys()].map((i) => b.readUInt32LE(i * 4096)).join(','));
     return this.inner.write(o, b, opts);
   }
   override async read(o: number, b: Buffer): Promise<void> {
@@ -85,6 +86,10 @@ async function runOps(ops: Op[]): Promise<void> {
           const kill = new Killable(backing);
           const device = await CacheDevice.open(dev, { lineSize: 16 * 1024 });
           const vol = await CacheVolume.open({ device, backing: kill, key: 'd', mode, maxDirtyBytes: 64 * 1024, sealAfterMs: 5 });
+          if (process.env.DBG) {
+            const m = (vol as any).meta;
+            console.log('OPEN dirty', vol.stats().dirtyBytes, 'epochDone', m.epochDone, 'epoch', vol.stats().epoch, JSON.stringify([...m.lines].map(([l, ss]: [number, number[]]) => [l, ss.map((x: number) => [x, device.slotEpoch[x], device.slotValid(x)[0]])])));
+          }
           return { vol, kill };
         };
         let { vol, kill } = await open();
@@ -129,6 +134,7 @@ async function runOps(ops: Op[]): Promise<void> {
             await new Promise((r) => setTimeout(r, 8));
           } else {
             kill.dead = true;
+            if (process.env.DBG) console.log('CRASH');
             dev = await dev.crash(lcg(op.seed));
             ({ vol, kill } = await open());
             const all = Buffer.alloc(SIZE);
@@ -156,11 +162,12 @@ describe('CacheVolume crash model', () => {
   it('every write acknowledged before the last completed flush survives random crashes', async () => {
     await fc.assert(
       fc.asyncProperty(fc.array(opArb, { minLength: 5, maxLength: 60 }), runOps),
-      { numRuns: 60 },
+      { numRuns: 100 },
     );
   }, 120_000);
 
   it('regressions', async () => {
+    await runOps([{"k":"write","sector":0,"count":1,"fua":false},{"k":"flush"},{"k":"crash","seed":0},{"k":"write","sector":0,"count":5,"fua":false},{"k":"read","sector":0,"count":1},{"k":"read","sector":0,"count":1},{"k":"read","sector":0,"count":1},{"k":"read","sector":0,"count":1},{"k":"crash","seed":0},{"k":"read","sector":0,"count":1},{"k":"crash","seed":0}]);
     await runOps([{"k":"mode","mode":"write-around"},{"k":"crash","seed":0},{"k":"write","sector":0,"count":1,"fua":true},{"k":"write","sector":0,"count":2,"fua":false},{"k":"crash","seed":0},{"k":"read","sector":0,"count":1},{"k":"read","sector":0,"count":1},{"k":"read","sector":0,"count":1},{"k":"read","sector":0,"count":1}]);
   });
 });

@@ -1,0 +1,170 @@
+/**
+ * The daemon's side of the cache: one CacheDevice per host (the configured file or block device,
+ * opened with O_DIRECT where the device allows, through FileVolume and its io_uring engine), one
+ * RAM tier, and a CacheVolume per disk, found by `VM/DISK` for the control API.
+ *
+ * Dirty-cache records: for a disk on a remote volume, the resolver's record of the volume carries
+ * `dirtyHost` while this host holds dirty write-back data for it (set before the first dirty write
+ * is acknowledged, cleared once everything is written back and that is durable here). Another
+ * host refuses to open such a volume writable (`checkDirtyHost`) until then, or until an operator
+ * drops the dirty data with `vstore cache invalidate --force` (which also clears the record).
+ *
+ * Capacity: every disk may use the whole device unless it has an allotment; `setAllotment` is
+ * the runtime knob a capacity scheduler (the balloon-style scheduler of the cache issue, not
+ * built yet) turns: the allocator enforces it at the next allocation, evicting the disk's own
+ * clean lines first.
+ */
+import { hostname } from 'node:os';
+import type { Logger } from 'pino';
+import { VolumeError } from '../errors.js';
+import { FileVolume } from '../file.js';
+import type { Volume } from '../volume.js';
+import type { NameRecord, ResolverStore } from '../../resolver/types.js';
+import { CacheDevice } from './device.js';
+import { CacheVolume, createRamTier, type CacheMode, type CacheStats, type RamTier } from './volume.js';
+
+export interface HostCacheConfig {
+  device: string;
+  size?: number;
+  lineSize?: number;
+  ramBytes: number;
+  host?: string;
+}
+
+export interface DiskCacheSettings {
+  mode?: CacheMode;
+  maxDirtyBytes?: number;
+  allotmentBytes?: number;
+}
+
+/** Mode of a disk that names none. */
+export const DEFAULT_DISK_MODE: CacheMode = 'write-through';
+
+/** The host name recorded in `dirtyHost` (config `cache.host`, else the hostname). */
+export function cacheHostId(cfg?: { host?: string }): string {
+  return cfg?.host ?? hostname();
+}
+
+/**
+ * Throws when another host holds dirty cache for the volume: opening it writable here would
+ * read data older than what the guest wrote there.
+ */
+export async function checkDirtyHost(resolver: ResolverStore, volume: string, self: string): Promise<void> {
+  const rec = await resolver.getName(volume).catch(() => null);
+  if (rec?.dirtyHost && rec.dirtyHost !== self) {
+    throw new VolumeError(
+      'EBUSY',
+      `host ${rec.dirtyHost} holds dirty cache for volume ${volume}: write it back there (vstore cache flush) or drop it (vstore cache invalidate --volume ${volume} --force)`,
+    );
+  }
+}
+
+/** Sets or clears `dirtyHost` on a volume's record (compare-and-set, retried). */
+export async function setDirtyHost(resolver: ResolverStore, volume: string, host: string | null): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    const cur = await resolver.getName(volume);
+    if (!cur) throw new Error(`${volume} is not in the resolver`);
+    if (host === null && cur.dirtyHost === undefined) return;
+    if (host !== null && cur.dirtyHost === host) return;
+    const next: NameRecord = { ...cur };
+    if (host === null) delete next.dirtyHost;
+    else next.dirtyHost = host;
+    try {
+      await resolver.putName(next);
+      return;
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'ESTALE' || attempt >= 8) throw e;
+    }
+  }
+}
+
+export interface CachedDiskInfo {
+  vm: string;
+  disk: string;
+  volume: CacheVolume;
+}
+
+export class CacheHost {
+  readonly hostId: string;
+  private readonly disks = new Map<string, CachedDiskInfo>();
+
+  private constructor(
+    readonly device: CacheDevice,
+    private readonly ram: RamTier | undefined,
+    private readonly logger: Logger,
+    cfg: HostCacheConfig,
+    private readonly resolver?: ResolverStore,
+  ) {
+    this.hostId = cacheHostId(cfg);
+  }
+
+  /** Opens (creating a file of `size` when missing) and replays the cache device. */
+  static async open(cfg: HostCacheConfig, logger: Logger, resolver?: ResolverStore): Promise<CacheHost> {
+    const create = cfg.size !== undefined ? { create: { size: cfg.size } } : {};
+    let storage: Volume;
+    try {
+      storage = await FileVolume.open(cfg.device, { direct: true, logger, ...create });
+    } catch (e) {
+      // tmpfs and some filesystems refuse O_DIRECT (EINVAL): buffered, synced by fdatasync.
+      if ((e as { code?: string }).code !== 'EINVAL') throw e;
+      storage = await FileVolume.open(cfg.device, { logger, ...create });
+    }
+    try {
+      const device = await CacheDevice.open(storage, { ...(cfg.lineSize !== undefined ? { lineSize: cfg.lineSize } : {}), logger });
+      return new CacheHost(device, cfg.ramBytes > 0 ? createRamTier(cfg.ramBytes) : undefined, logger, cfg, resolver);
+    } catch (e) {
+      await storage.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  /** The cache layer of one disk over its backing volume. `volumeName`: the resolver name, for dirty records. */
+  async openDisk(vm: string, disk: string, key: string, backing: Volume, settings: DiskCacheSettings, volumeName?: string): Promise<CacheVolume> {
+    const log = this.logger.child({ vm, disk, cache: settings.mode ?? DEFAULT_DISK_MODE });
+    const resolver = this.resolver;
+    const v = await CacheVolume.open({
+      device: this.device,
+      backing,
+      key,
+      mode: settings.mode ?? DEFAULT_DISK_MODE,
+      ...(settings.maxDirtyBytes !== undefined ? { maxDirtyBytes: settings.maxDirtyBytes } : {}),
+      ...(settings.allotmentBytes !== undefined ? { allotmentBytes: settings.allotmentBytes } : {}),
+      ...(this.ram ? { ram: this.ram } : {}),
+      logger: log,
+      ...(resolver && volumeName
+        ? {
+            onDirtyChange: async (dirty: boolean) => {
+              await setDirtyHost(resolver, volumeName, dirty ? this.hostId : null);
+              log.info({ volume: volumeName, dirtyHost: dirty ? this.hostId : null }, dirty ? 'resolver: this host holds dirty cache for the volume' : 'resolver: dirty cache written back, record cleared');
+            },
+          }
+        : {}),
+    });
+    this.disks.set(`${vm}/${disk}`, { vm, disk, volume: v });
+    return v;
+  }
+
+  /** Forgets a disk (its CacheVolume was closed). */
+  forget(vm: string, disk: string, v: CacheVolume): void {
+    if (this.disks.get(`${vm}/${disk}`)?.volume === v) this.disks.delete(`${vm}/${disk}`);
+  }
+
+  get(vm: string, disk: string): CacheVolume | undefined {
+    return this.disks.get(`${vm}/${disk}`)?.volume;
+  }
+
+  list(): Array<{ vm: string; disk: string; stats: CacheStats }> {
+    return [...this.disks.values()].map((d) => ({ vm: d.vm, disk: d.disk, stats: d.volume.stats() }));
+  }
+
+  /** Clears another host's dirty record of a volume (the operator dropped that data: `invalidate --volume --force`). */
+  async clearDirtyRecord(volume: string): Promise<void> {
+    if (!this.resolver) throw new VolumeError('EINVAL', 'this daemon has no resolver');
+    await setDirtyHost(this.resolver, volume, null);
+    this.logger.warn({ volume }, 'resolver: dirty cache record cleared by the operator (that host\'s dirty data is abandoned)');
+  }
+
+  async close(): Promise<void> {
+    await this.device.close();
+  }
+}
