@@ -9,6 +9,7 @@ import { registerMount } from './mount.js';
 import { registerServe } from './serve.js';
 import { registerStatus } from './status.js';
 import { registerVm } from './vm.js';
+import { registerCache } from './cache.js';
 import { registerVhostBlk } from '../vhost/cli.js';
 import { nodeCommand } from './node.js';
 import { resolverCommand } from './resolver.js';
@@ -43,6 +44,7 @@ Examples:
   registerStatus(program);
   registerVm(program);
   registerDisk(program);
+  registerCache(program);
   program.addCommand(nodeCommand());
   program.addCommand(resolverCommand());
   return program;

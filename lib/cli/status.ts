@@ -67,7 +67,18 @@ export function renderStatus(s: DaemonStatus): string {
       ]);
     }
   }
-  return out + renderTable(rows) + renderShares(s) + renderQosTable(s, renderTable) + renderPaths(s);
+  return out + renderTable(rows) + renderShares(s) + renderQosTable(s, renderTable) + renderCache(s) + renderPaths(s);
+}
+
+/** The cached disks: mode, hit ratio, dirty bytes, write-back rate, evictions (when the daemon has a cache device). */
+export function renderCache(s: DaemonStatus): string {
+  const disks = s.vms.flatMap((vm) => vm.disks.flatMap((d) => (d.cache ? [{ name: `${vm.name}/${d.name}`, c: d.cache }] : [])));
+  if (!s.cache || disks.length === 0) return '';
+  const rows = [['CACHE', 'MODE', 'HIT%', 'USED', 'DIRTY', 'WB-RATE', 'EVICTIONS', 'STATE']];
+  for (const { name, c } of disks) {
+    rows.push([name, c.mode, (c.hitRatio * 100).toFixed(1), formatBytes(c.usedBytes), formatBytes(c.dirtyBytes), `${formatBytes(Math.round(c.writeBackRate))}/s`, String(c.evictions), c.degraded ? 'DEGRADED' : 'ok']);
+  }
+  return `\ncache device ${s.cache.device} (host ${s.cache.host}): ${s.cache.slots} lines of ${formatBytes(s.cache.lineSize)}, ${s.cache.freeSlots} free\n` + renderTable(rows);
 }
 
 /** The VMs' shared directories (virtiofs), when there are any. */

@@ -97,6 +97,34 @@ export const volumeDiskSchema = z.strictObject({
   connections: z.number().int().min(1).max(16).optional(),
 });
 
+/** Cache modes of a disk (lib/block/cache/volume.ts). */
+export const CACHE_MODE_NAMES = ['write-back', 'write-through', 'write-around', 'pass-through'] as const;
+
+/** A disk's use of the host's cache device (top-level `cache`). */
+export const diskCacheSchema = z.strictObject({
+  /** write-back | write-through | write-around | pass-through; default write-through. */
+  mode: z.enum(CACHE_MODE_NAMES).optional(),
+  /** Dirty bytes over which the disk's writers wait for write-back; default 1/4 of the device (at most 1G). */
+  maxDirty: sizeSchema.optional(),
+  /** Most cache space the disk may hold (the per-disk allotment); default: no bound but the device. */
+  allotment: sizeSchema.optional(),
+});
+
+/** The host's cache device (top-level `cache`): shared by every disk of the host. */
+export const hostCacheSchema = z.strictObject({
+  /** A file (created sparse with `size` when missing) or a block device. */
+  device: pathSchema,
+  size: sizeSchema.optional(),
+  /** Cache line size for a fresh device (a power of two, 4K..1M); default 64K. */
+  lineSize: sizeSchema
+    .refine((n) => n >= 4096 && n <= 1024 * 1024 && (n & (n - 1)) === 0, 'a power of two from 4K to 1M')
+    .optional(),
+  /** RAM tier for hot lines, in bytes; default 64M (0: none). */
+  ram: z.union([z.literal(0), sizeSchema]).optional(),
+  /** This host's name in the resolver's dirty-cache records; default the hostname. */
+  host: z.string().min(1).max(255).optional(),
+});
+
 export const diskSchema = z.strictObject({
   name: nameSchema,
   /** Raw image file or block device (a local disk); or give `volume`. */
@@ -112,6 +140,8 @@ export const diskSchema = z.strictObject({
   nbd: z.union([z.literal(false), nbdDiskSchema]).optional(),
   /** A vhost-user-blk device on its own socket, over the same volume as the NBD server. */
   vhostUser: vhostUserDiskSchema.optional(),
+  /** How the disk uses the host's cache device (needs top-level cache). */
+  cache: diskCacheSchema.optional(),
 }).superRefine((d, ctx) => {
   if (d.nbd === false && d.vhostUser === undefined) {
     ctx.addIssue({ code: 'custom', path: ['nbd'], message: 'false leaves the disk with no socket: serve NBD, or add vhostUser' });
@@ -292,8 +322,17 @@ export const configSchema = z
     paths: pathsSchema.optional(),
     vms: z.array(vmSchema).superRefine((v, ctx) => noDuplicates(v, ctx, 'VM')).optional(),
     qos: hostQosSchema.optional(),
+    /** The local cache device shared by the host's disks (lib/block/cache). */
+    cache: hostCacheSchema.optional(),
   })
   .superRefine((c, ctx) => {
+    if (!c.cache) {
+      c.vms?.forEach((vm, i) =>
+        vm.disks?.forEach((d, j) => {
+          if (d.cache) ctx.addIssue({ code: 'custom', path: ['vms', i, 'disks', j, 'cache'], message: 'needs a cache device (top-level cache)' });
+        }),
+      );
+    }
     if (c.qos?.enabled === false) {
       c.vms?.forEach((vm, i) => {
         if (vm.qos) ctx.addIssue({ code: 'custom', path: ['vms', i, 'qos'], message: 'QoS is disabled (qos.enabled: false at the top level)' });
@@ -349,6 +388,8 @@ export interface DiskConfig {
   nbd?: { socket: string; export: string };
   /** The vhost-user-blk socket; absent unless configured. */
   vhostUser?: { socket: string; queues: number; serial?: string };
+  /** The disk's cache settings (absent: the daemon's default mode, when it has a cache device). */
+  cache?: { mode?: (typeof CACHE_MODE_NAMES)[number]; maxDirtyBytes?: number; allotmentBytes?: number };
 }
 
 export interface VmConfig {
@@ -402,6 +443,8 @@ export interface DaemonConfig {
   paths?: PathPolicy;
   /** The host-wide scheduler; absent: DEFAULT_HOST_QOS. */
   qos?: HostQosConfig;
+  /** The local cache device (absent: disks are not cached). */
+  cache?: { device: string; size?: number; lineSize?: number; ramBytes: number; host?: string };
 }
 
 /** Where relative paths are anchored and where sockets go by default. */
@@ -508,6 +551,15 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
             socket: vu.socket ? path.resolve(ctx.baseDir, vu.socket) : path.join(ctx.runDir, `${vmName}-${d.name}.vhost.sock`),
             queues: vu.queues ?? 1,
             ...(vu.serial !== undefined ? { serial: vu.serial } : {}),
+          },
+        }
+      : {}),
+    ...(d.cache
+      ? {
+          cache: {
+            ...(d.cache.mode !== undefined ? { mode: d.cache.mode } : {}),
+            ...(d.cache.maxDirty !== undefined ? { maxDirtyBytes: d.cache.maxDirty } : {}),
+            ...(d.cache.allotment !== undefined ? { allotmentBytes: d.cache.allotment } : {}),
           },
         }
       : {}),
@@ -639,6 +691,17 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
             depth: c.qos.depth ?? DEFAULT_HOST_QOS.depth,
             costUnit: c.qos.costUnit ?? DEFAULT_HOST_QOS.costUnit,
             adviseAfterSeconds: c.qos.adviseAfterSeconds ?? DEFAULT_HOST_QOS.adviseAfterSeconds,
+          },
+        }
+      : {}),
+    ...(c.cache
+      ? {
+          cache: {
+            device: path.resolve(baseDir, c.cache.device),
+            ...(c.cache.size !== undefined ? { size: c.cache.size } : {}),
+            ...(c.cache.lineSize !== undefined ? { lineSize: c.cache.lineSize } : {}),
+            ramBytes: c.cache.ram ?? 64 * 1024 * 1024,
+            ...(c.cache.host !== undefined ? { host: c.cache.host } : {}),
           },
         }
       : {}),

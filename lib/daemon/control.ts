@@ -25,6 +25,10 @@ import type { QosHostStatus } from '../qos/scheduler.js';
 import { prepareSocket, RegistryError, type VmRegistry, type VmStatus } from './registry.js';
 import { renderPathMetrics } from '../paths/metrics.js';
 import type { PathStatus } from '../paths/path.js';
+import { handleCacheRequest } from '../block/cache/control.js';
+import type { CacheHost } from '../block/cache/host.js';
+import { renderCacheMetrics } from '../block/cache/metrics.js';
+import type { DeviceStats } from '../block/cache/device.js';
 
 const MAX_BODY = 1024 * 1024;
 
@@ -43,6 +47,8 @@ export interface DaemonStatus {
   paths?: PathStatus[];
   /** The host-wide QoS scheduler (absent when QoS is disabled). */
   qos?: QosHostStatus;
+  /** The host's cache device (absent without one). */
+  cache?: DeviceStats & { device: string; host: string };
 }
 
 export interface ControlDeps {
@@ -51,6 +57,8 @@ export interface ControlDeps {
   /** Anchors of requests' relative paths and default sockets. */
   resolve: ResolveContext;
   status: () => DaemonStatus;
+  /** The host's cache device (the /v1/cache and /v1/vms/VM/disks/DISK/cache endpoints). */
+  cache?: CacheHost;
   /** Manual failback (paths.failback: manual): healthy paths of `node` (all nodes when absent) take requests again. */
   failback?: (node?: string) => void;
 }
@@ -170,6 +178,8 @@ export class ControlServer {
       await registry.removeDisk(vm, disk);
       return this.json(res, 200, { removed: `${vm}/${disk}` });
     }
+    const cached = await handleCacheRequest(method, parts.slice(1), () => readJson(req), registry, this.deps.cache);
+    if (cached) return this.json(res, cached.status, cached.body);
     throw new HttpError(404, `no such endpoint: ${method} ${url.pathname}`);
   }
 
@@ -279,5 +289,6 @@ export function renderMetrics(s: DaemonStatus): string {
   );
   out.push(...renderPathMetrics(s));
   out.push(...renderQosMetrics(s));
+  out.push(...renderCacheMetrics(s));
   return out.join('\n') + '\n';
 }

@@ -26,6 +26,8 @@ import type { SuspendStatus } from '../paths/suspend.js';
 import type { QosFlow, QosFlowStatus, QosScheduler } from '../qos/scheduler.js';
 import { DEFAULT_QOS, type QosSettings } from '../qos/settings.js';
 import { QosVolume } from '../qos/volume.js';
+import type { CacheHost } from '../block/cache/host.js';
+import type { CacheStats, CacheVolume } from '../block/cache/volume.js';
 
 /** What the registry needs of an NBD server (lib/nbd/server.ts's NbdServer has it). */
 export interface NbdServerLike {
@@ -132,6 +134,8 @@ export interface DiskStatus extends DiskCounters {
   tcpExport?: string;
   /** The vhost-user-blk socket and its counters, when the disk has one. */
   vhostUser?: { socket: string; queues: number } & VhostUserCounters;
+  /** The disk's cache layer (when the daemon has a cache device). */
+  cache?: CacheStats;
 }
 
 export interface ShareStatus extends ShareCounters {
@@ -163,6 +167,8 @@ interface Disk {
   volume: Volume;
   /** What the front ends are given: `volume`, or one OrderedVolume over it shared by all. */
   front: Volume;
+  /** The cache layer over `volume` (closing it closes `volume`). */
+  cache?: CacheVolume;
   server?: NbdServerLike;
   vhost?: VhostServerLike;
   tcpExport?: string;
@@ -190,6 +196,8 @@ export interface RegistryDeps {
   qos?: QosScheduler;
   /** virtiofs servers of shares (none: VMs with shares are refused). */
   createShareServer?: ShareServerFactory;
+  /** The host's cache device: every disk gets a cache layer below QoS (none: no cache). */
+  cache?: CacheHost;
 }
 
 const ZERO: DiskCounters = { connections: 0, inflight: 0, reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
@@ -317,6 +325,16 @@ export class VmRegistry {
     return vm.flow.status(this.deps.qos.clock.now());
   }
 
+  /** A disk's cache layer (the control API's cache endpoints). */
+  cacheOf(vmName: string, diskName: string): CacheVolume {
+    const vm = this.vms.get(vmName);
+    if (!vm) throw new RegistryError(404, `no VM "${vmName}"`);
+    const disk = vm.disks.get(diskName);
+    if (!disk) throw new RegistryError(404, `VM "${vmName}" has no disk "${diskName}"`);
+    if (!disk.cache) throw new RegistryError(400, 'this daemon has no cache device (top-level cache in its config)');
+    return disk.cache;
+  }
+
   status(): VmStatus[] {
     const tcpStats = this.deps.tcpServer?.stats();
     const now = this.deps.qos?.clock.now() ?? 0;
@@ -340,6 +358,7 @@ export class VmRegistry {
           ...(d.tcpExport !== undefined ? { tcpExport: d.tcpExport } : {}),
           ...c,
           ...(vu && d.vhost ? { vhostUser: { socket: vu.socket, queues: vu.queues, ...d.vhost.stats() } } : {}),
+          ...(d.cache ? { cache: d.cache.stats() } : {}),
         };
       }),
       shares: [...vm.shares.values()].map((sh) => ({
@@ -383,11 +402,23 @@ export class VmRegistry {
       if (config.volume) throw new RegistryError(e instanceof RegistryError ? e.status : 400, `${field('volume')}: cannot open volume ${config.volume.name}: ${why}`);
       throw new RegistryError(400, `${field('file')}: cannot open ${config.file}: ${why}`);
     }
+    // The cache layer sits below QoS: NbdExport(Ordered(Qos(Cache(volume)))).
+    let cache: CacheVolume | undefined;
+    if (this.deps.cache) {
+      try {
+        const key = config.volume ? `volume:${config.volume.name}` : `file:${config.file}`;
+        cache = await this.deps.cache.openDisk(vm.name, config.name, key, volume, config.cache ?? {}, config.volume?.name);
+      } catch (e) {
+        await volume.close().catch(() => {});
+        throw new RegistryError(500, `${field('cache')}: cannot open the cache layer: ${(e as Error).message}`);
+      }
+    }
     // With two kinds of front end, one ordering for all of them (see the header). The QoS
     // layer sits below the ordering (lib/qos/volume.ts says why): NbdExport(Ordered(Qos(volume))).
-    const scheduled: Volume = vm.flow ? new QosVolume(volume, vm.flow) : volume;
+    const below: Volume = cache ?? volume;
+    const scheduled: Volume = vm.flow ? new QosVolume(below, vm.flow) : below;
     const front: Volume = config.vhostUser ? new OrderedVolume(scheduled) : scheduled;
-    const disk: Disk = { vm: vm.name, config, volume, front, logger };
+    const disk: Disk = { vm: vm.name, config, volume, front, logger, ...(cache ? { cache } : {}) };
     let step = field('nbd.socket');
     try {
       if (config.vhostUser && !this.deps.createVhostServer) {
@@ -424,7 +455,8 @@ export class VmRegistry {
       if (disk.tcpExport) await this.deps.tcpServer?.removeExport(disk.tcpExport).catch(() => {});
       await disk.vhost?.close().catch(() => {});
       await disk.server?.close().catch(() => {});
-      await volume.close().catch(() => {});
+      if (cache) this.deps.cache?.forget(vm.name, config.name, cache);
+      await below.close().catch(() => {});
       if (config.nbd && step !== field('nbd.socket')) await rm(config.nbd.socket, { force: true }).catch(() => {});
       const sock = step === field('vhostUser.socket') ? config.vhostUser?.socket : config.nbd?.socket;
       throw e instanceof RegistryError ? e : new RegistryError(500, `${step}: cannot serve on ${sock}: ${(e as Error).message}`);
@@ -512,8 +544,20 @@ export class VmRegistry {
     } catch (e) {
       log.error({ err: e }, 'flush failed');
     }
+    if (d.cache) {
+      // Before a disk is detached its dirty cache is written back: the volume is complete
+      // without this host (and the resolver's dirty record is cleared).
+      try {
+        const dirty = d.cache.stats().dirtyBytes;
+        if (dirty > 0) log.info({ dirtyBytes: dirty }, 'writing back the dirty cache before detaching');
+        await d.cache.drain();
+      } catch (e) {
+        log.error({ err: e }, 'cache write-back failed: the dirty data stays on the cache device and is written back at the next attach');
+      }
+      this.deps.cache?.forget(d.vm, d.config.name, d.cache);
+    }
     try {
-      await d.volume.close();
+      await (d.cache ?? d.volume).close();
     } catch (e) {
       log.error({ err: e }, 'closing the volume failed');
     }
