@@ -20,8 +20,11 @@
  *   open (the data of an unlinked-but-open file lives only in the old process's descriptor);
  * - a name that now leads elsewhere (renamed or replaced by someone else: the inode differs);
  * - a node whose parent was forgotten while it was not (the kernel pins parents, so rare).
- * POSIX and flock locks are not carried: the old process's lock table goes with it, so a guest
- * holding a lock across a handoff holds it only in its own mind until it takes it again.
+ * Locks: the POSIX and flock locks granted below are mirrored here (lib/fs/locks.ts, used only
+ * for its range arithmetic: one table entry per owner, so nothing conflicts in the mirror), and
+ * taken again after a restore — waiting (SETLKW), since on a storage node the old process's
+ * session holds them until it lets go. A lock operation of the guest on the same owner or handle
+ * first cancels such a pending retake. A retake that fails (the file is gone) is lost.
  * A directory listing continues at its cookie on the re-opened handle (cookies are the inner
  * tree's: d_off of the host file system, stable across opens on ext4/xfs/tmpfs).
  *
@@ -30,6 +33,7 @@
  */
 import { FsError } from './errors.js';
 import type { SessionForget } from './layer.js';
+import { LOCK_EOF, LockManager } from './locks.js';
 import {
   ROOT_ID,
   RENAME_EXCHANGE,
@@ -98,6 +102,8 @@ export interface StableSnapshot {
   nextFh: number;
   nodes: Array<{ id: number; session: string; parent: number; name: string | null; ino: number; lookups: number }>;
   handles: Array<{ fh: number; node: number; session: string; flags: number; dir: boolean; recent?: Array<[cookie: number, name: string]> }>;
+  /** Locks held by the guest (owner as a decimal string; a flock names its handle). */
+  locks?: Array<{ node: number; session: string; owner: string; pid: number; start: number; end: number; type: number; flockFh?: number }>;
 }
 
 export interface RestoreReport {
@@ -106,11 +112,26 @@ export interface RestoreReport {
   /** Ids and handles that answer ESTALE from now on. */
   staleNodes: number;
   staleHandles: number;
+  /** Locks being taken again (see `relocked`), and those without a handle to take them on. */
+  locks: number;
+  lostLocks: number;
+}
+
+/** A lock holder in the mirror: a POSIX owner on a node, or a flock's handle. */
+interface LockKey {
+  node: number;
+  session: string;
+  owner: bigint;
+  flockFh?: number;
 }
 
 function nameKey(parent: number, name: Buffer): string {
   // latin1 maps bytes 1:1 to code units: a name that is not UTF-8 keeps its identity.
   return `${parent}/${name.toString('latin1')}`;
+}
+
+function holderKey(k: LockKey): string {
+  return k.flockFh !== undefined ? `f\0${k.session}\0${k.flockFh}` : `p\0${k.session}\0${k.node}\0${k.owner}`;
 }
 
 function isDots(n: Buffer): boolean {
@@ -127,6 +148,13 @@ export class StableIdFileTree implements FileTree {
   private readonly sessions = new Map<string, SessionIndex>();
   private nextId = ROOT_ID + 1;
   private nextFh = 1;
+  /** The guest's granted locks, one mirror "file" per holder (see the file comment). */
+  private readonly lockMirror = new LockManager();
+  private readonly lockHolders = new Map<string, LockKey>();
+  /** Retakes after a restore still waiting, by holder key. */
+  private readonly retakes = new Map<string, { ac: AbortController; done: Promise<void> }>();
+  /** Settles when every lock retaken after a restore is held or given up. */
+  relocked: Promise<void> = Promise.resolve();
 
   constructor(readonly inner: FileTree) {}
 
@@ -234,6 +262,11 @@ export class StableIdFileTree implements FileTree {
         ino: n.ino,
         lookups: n.lookups,
       })),
+      locks: [...this.lockHolders].flatMap(([k, h]) =>
+        h.flockFh !== undefined
+          ? this.lockMirror.flocks(k).map((f) => ({ node: h.node, session: h.session, owner: h.owner.toString(), pid: 0, start: 0, end: LOCK_EOF, type: f.type, flockFh: h.flockFh }))
+          : this.lockMirror.posixLocks(k).map((l) => ({ node: h.node, session: h.session, owner: h.owner.toString(), pid: l.pid, start: l.start, end: l.end, type: l.type })),
+      ),
       handles: [...this.handles.values()].map((h) => ({
         fh: h.fh,
         node: h.node,
@@ -327,7 +360,89 @@ export class StableIdFileTree implements FileTree {
         staleHandles++;
       }),
     );
-    return { tree: t, report: { nodes: snap.nodes.length, handles: snap.handles.length, staleNodes, staleHandles } };
+    // Locks: taken again on a handle of the same node and session, waiting for the old process's
+    // session to let go of them (not awaited: the handoff commits meanwhile).
+    let lostLocks = 0;
+    const retakes: Promise<void>[] = [];
+    for (const l of snap.locks ?? []) {
+      const node = t.nodes.get(l.node);
+      const h =
+        l.flockFh !== undefined
+          ? t.handles.get(l.flockFh)
+          : [...t.handles.values()].find((x) => x.node === l.node && x.session === l.session && !x.dir && !x.stale);
+      if (!node || node.inner === 0 || !h || h.stale) {
+        lostLocks++;
+        continue;
+      }
+      retakes.push(t.retake({ node: l.node, session: l.session, owner: BigInt(l.owner), ...(l.flockFh !== undefined ? { flockFh: l.flockFh } : {}) }, node.inner, h.inner, { start: l.start, end: l.end, type: l.type, pid: l.pid }));
+    }
+    t.relocked = Promise.all(retakes).then(() => {});
+    const report = { nodes: snap.nodes.length, handles: snap.handles.length, staleNodes, staleHandles, locks: retakes.length, lostLocks };
+    return { tree: t, report };
+  }
+
+  /** One lock taken again after a restore; a lock call of the guest on the same holder cancels it. */
+  private retake(k: LockKey, innerNode: number, innerFh: number, lock: FileLock): Promise<void> {
+    const key = holderKey(k);
+    const ac = new AbortController();
+    const ctx: FsContext = { uid: 0, gid: 0, pid: lock.pid, session: k.session };
+    const prev = this.retakes.get(key)?.done ?? Promise.resolve();
+    const done = prev
+      .then(() => this.inner.setlk(ctx, innerNode, innerFh, k.owner, lock, { wait: true, flock: k.flockFh !== undefined, signal: ac.signal }))
+      .then(
+        () => this.mirror(k, lock),
+        () => {
+          /* cancelled by the guest, or the file or tree went away */
+        },
+      )
+      .finally(() => {
+        if (this.retakes.get(key)?.done === done) this.retakes.delete(key);
+      });
+    this.retakes.set(key, { ac, done });
+    return done;
+  }
+
+  /** Before a lock call of the guest on this holder: no retake may be granted after it. */
+  private async settleRetake(k: LockKey): Promise<void> {
+    const r = this.retakes.get(holderKey(k));
+    if (!r) return;
+    r.ac.abort();
+    await r.done;
+  }
+
+  /** Records a lock change granted below (best effort: the mirror never refuses, one holder per entry). */
+  private mirror(k: LockKey, lock: FileLock): void {
+    const key = holderKey(k);
+    this.lockHolders.set(key, k);
+    const p =
+      k.flockFh !== undefined
+        ? this.lockMirror.flock(key, k.session, k.flockFh, lock.type)
+        : this.lockMirror.setlk(key, { session: k.session, owner: k.owner, pid: lock.pid }, lock);
+    p.catch(() => {});
+    this.pruneHolder(key);
+  }
+
+  private pruneHolder(key: string): void {
+    if (!this.lockMirror.posixLocks(key).length && !this.lockMirror.flocks(key).length) this.lockHolders.delete(key);
+  }
+
+  /** close(2) of an owner's descriptor (flush) or the handle's release: what the tree below drops too. */
+  private dropLocks(session: string, node: number, owner: bigint | undefined, flockFh: number | undefined): void {
+    if (owner !== undefined) {
+      const key = holderKey({ node, session, owner });
+      if (this.lockHolders.has(key)) {
+        this.lockMirror.releaseOwner(key, session, owner);
+        this.pruneHolder(key);
+      }
+    }
+    if (flockFh !== undefined) {
+      for (const [key, h] of this.lockHolders) {
+        if (h.flockFh === flockFh && h.session === session) {
+          this.lockMirror.releaseHandle(key, session, flockFh);
+          this.pruneHolder(key);
+        }
+      }
+    }
   }
 
   // ---- FileTree ------------------------------------------------------------------------------
@@ -411,9 +526,14 @@ export class StableIdFileTree implements FileTree {
     return this.inner.write(ctx, this.id(ctx, nodeId), this.fh(ctx, fh), offset, data);
   }
   async flush(ctx: FsContext, nodeId: number, fh: number, lockOwner: bigint): Promise<void> {
-    return this.inner.flush(ctx, this.id(ctx, nodeId), this.fh(ctx, fh), lockOwner);
+    const k = { node: nodeId, session: ctx.session, owner: lockOwner };
+    if (this.retakes.size) await this.settleRetake(k);
+    await this.inner.flush(ctx, this.id(ctx, nodeId), this.fh(ctx, fh), lockOwner);
+    if (this.lockHolders.size) this.dropLocks(ctx.session, nodeId, lockOwner, undefined);
   }
   async release(ctx: FsContext, nodeId: number, fh: number, lockOwner?: bigint): Promise<void> {
+    if (this.retakes.size) await this.settleRetake({ node: nodeId, session: ctx.session, owner: 0n, flockFh: fh });
+    if (this.lockHolders.size) this.dropLocks(ctx.session, nodeId, undefined, fh);
     const h = this.handles.get(fh);
     if (h && h.session === ctx.session && h.stale) {
       this.handles.delete(fh); // nothing below to release
@@ -537,10 +657,16 @@ export class StableIdFileTree implements FileTree {
     lock: FileLock,
     opts: { wait: boolean; flock: boolean; signal?: AbortSignal },
   ): Promise<void> {
-    return this.inner.setlk(ctx, this.id(ctx, nodeId), this.fh(ctx, fh), owner, lock, opts);
+    const k: LockKey = { node: nodeId, session: ctx.session, owner, ...(opts.flock ? { flockFh: fh } : {}) };
+    if (this.retakes.size) await this.settleRetake(k);
+    await this.inner.setlk(ctx, this.id(ctx, nodeId), this.fh(ctx, fh), owner, lock, opts);
+    this.mirror(k, lock);
   }
   /** The session's ids and handles go (the tree below drops its own for the session). */
   async endSession(session: string): Promise<void> {
+    for (const [key, h] of this.lockHolders) if (h.session === session) this.lockHolders.delete(key);
+    for (const [key, r] of this.retakes) if (key.split('\0')[1] === session) r.ac.abort();
+    this.lockMirror.endSession(session);
     for (const h of this.handles.values()) if (h.session === session) this.handles.delete(h.fh);
     for (const n of this.nodes.values()) if (n.session === session) this.nodes.delete(n.id);
     this.sessions.delete(session);

@@ -4,8 +4,9 @@
  * loop that writes, reads back, renames and appends through descriptors it keeps open. While it
  * works, the test runs `vstore serve --takeover` on the same config: the old daemon hands the
  * live vhost-user connections over and exits 0, the new one serves on. QEMU never reconnects
- * (vhost-user-fs cannot); the guest's loop sees no error, its open descriptors still append, and
- * afterwards every file is right on the host — on the node and in the local directory.
+ * (vhost-user-fs cannot); the guest's loop sees no error, its open descriptors still append, a
+ * flock it took before is still held after, and afterwards every file is right on the host — on
+ * the node and in the local directory.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
@@ -36,6 +37,9 @@ mount -t virtiofs loc /mnt/loc
 exec 3>>/mnt/proj/held.log
 exec 4>>/mnt/loc/held.log
 mkdir -p /mnt/proj/sub /mnt/loc/sub
+# a flock held across the handoff, on the node's share
+exec 5>/mnt/proj/lk
+/usr/bin/flock -x 5 && result locked 1
 i=0
 errs=0
 result started 1
@@ -68,6 +72,9 @@ done
 result bad $bad
 result held3 "$(wc -l < /mnt/proj/held.log)"
 result held4 "$(wc -l < /mnt/loc/held.log)"
+/usr/bin/flock -n /mnt/proj/lk true && result flock-after got || result flock-after busy
+exec 5>&-
+/usr/bin/flock -n /mnt/proj/lk true && result flock-released got || result flock-released busy
 exec 3>&-
 exec 4>&-
 sync
@@ -160,6 +167,10 @@ describe('a share survives a daemon restart (vstore serve --takeover under a wor
       expect(r.get('held3')).toBe(String(iterations));
       expect(r.get('held4')).toBe(String(iterations));
       expect(r.get('umount')).toBe('ok');
+      // the lock taken before the handoff is still held after it, and goes with its descriptor
+      expect(r.get('locked')).toBe('1');
+      expect(r.get('flock-after')).toBe('busy');
+      expect(r.get('flock-released')).toBe('got');
       // The old daemon exited 0 after the handoff; the new one serves the same connections.
       if (process.env.HANDOFF_DEBUG) {
         const pick = (log: string) => log.split('\n').filter((l) => /handoff|takeover|restored/.test(l)).join('\n');

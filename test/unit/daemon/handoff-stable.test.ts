@@ -5,12 +5,33 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { FileTreeLayer } from '../../../lib/fs/layer.js';
 import { LocalFileTree } from '../../../lib/fs/local.js';
+import { LOCK_EOF, LockManager } from '../../../lib/fs/locks.js';
 import { StableIdFileTree, type StableSnapshot } from '../../../lib/fs/stable.js';
-import { RENAME_EXCHANGE, ROOT_ID } from '../../../lib/fs/tree.js';
+import { F_RDLCK, F_UNLCK, F_WRLCK, RENAME_EXCHANGE, ROOT_ID, type FileTree, type FsContext } from '../../../lib/fs/tree.js';
 import { O_APPEND, O_RDONLY, O_RDWR, O_WRONLY, S_IFREG, b, ctx, errno, listAll, readFile, walk, writeFile } from '../fs/helpers.js';
 
 const c = ctx('vm1/s#1');
+
+/** What a storage node does: each host connection is a session of its own (same guest session name, other lock owners). */
+class NodeSession extends FileTreeLayer {
+  constructor(
+    inner: FileTree,
+    private readonly conn: string,
+  ) {
+    super(inner);
+  }
+  protected override mapCtx(x: FsContext): FsContext {
+    return { ...x, session: `${this.conn}:${x.session}` };
+  }
+  override forget(nodeId: number, nlookup: number, session?: string): void {
+    super.forget(nodeId, nlookup, session === undefined ? undefined : `${this.conn}:${session}`);
+  }
+  override endSession(session: string): Promise<void> {
+    return super.endSession(`${this.conn}:${session}`);
+  }
+}
 
 describe('StableIdFileTree', () => {
   let dir: string;
@@ -130,7 +151,7 @@ describe('StableIdFileTree', () => {
     fs.renameSync(path.join(dir, 'tmp'), path.join(dir, 'stays'));
 
     const { tree: t2, report } = await handoff(t);
-    expect(report).toEqual({ nodes: 3, handles: 2, staleNodes: 2, staleHandles: 1 });
+    expect(report).toEqual({ nodes: 3, handles: 2, staleNodes: 2, staleHandles: 1, locks: 0, lostLocks: 0 });
     expect(await errno(t2.getattr(c, gone))).toBe('ESTALE');
     expect(await errno(t2.read(c, gone, gfh, 0, 10))).toBe('ESTALE');
     expect(await errno(t2.getattr(c, swapped))).toBe('ESTALE');
@@ -166,5 +187,60 @@ describe('StableIdFileTree', () => {
     expect((await readFile(t2, c, x)).toString()).toBe('X'); // x's file is now named y
     expect((await readFile(t2, c, p)).toString()).toBe('P'); // found under its new name
     expect(await errno(t2.getattr(c, y))).toBe('ESTALE');
+  });
+
+  it('takes the guest\'s POSIX locks and flocks again after a restore (a fresh lock table: at once)', async () => {
+    fs.writeFileSync(path.join(dir, 'l'), 'x'.repeat(1000));
+    const t = await open();
+    const id = await walk(t, c, 'l');
+    const fh = (await t.open(c, id, O_RDWR)).fh;
+    const fh2 = (await t.open(c, id, O_RDONLY)).fh;
+    await t.setlk(c, id, fh, 7n, { start: 0, end: 99, type: F_WRLCK, pid: 70 }, { wait: false, flock: false });
+    await t.setlk(c, id, fh, 7n, { start: 50, end: 59, type: F_UNLCK, pid: 70 }, { wait: false, flock: false }); // split in two
+    await t.setlk(c, id, fh2, 9n, { start: 0, end: LOCK_EOF, type: F_RDLCK, pid: 90 }, { wait: false, flock: true });
+    // a lock taken and given back is not carried
+    await t.setlk(c, id, fh, 8n, { start: 500, end: 600, type: F_WRLCK, pid: 80 }, { wait: false, flock: false });
+    await t.flush(c, id, fh, 8n);
+    const { tree: t2, report } = await handoff(t);
+    expect([report.locks, report.lostLocks]).toEqual([3, 0]);
+    await t2.relocked;
+    const other = { start: 0, end: LOCK_EOF, type: F_WRLCK, pid: 1 };
+    expect(await t2.getlk(c, id, fh, 99n, other)).toEqual({ start: 0, end: 49, type: F_WRLCK, pid: 70 });
+    expect(await t2.getlk(c, id, fh, 99n, { ...other, start: 50, end: 59 })).toMatchObject({ type: F_UNLCK });
+    expect(await t2.getlk(c, id, fh, 99n, { ...other, start: 60, end: 99 })).toMatchObject({ start: 60, end: 99, type: F_WRLCK });
+    expect(await t2.getlk(c, id, fh, 99n, { ...other, start: 500, end: 600 })).toMatchObject({ type: F_UNLCK });
+    const fh3 = (await t2.open(c, id, O_RDONLY)).fh;
+    expect(await errno(t2.setlk(c, id, fh3, 1n, { start: 0, end: LOCK_EOF, type: F_WRLCK, pid: 1 }, { wait: false, flock: true }))).toBe('EAGAIN');
+    // the owner's close gives them up, after the handoff as before
+    await t2.flush(c, id, fh, 7n);
+    await t2.release(c, id, fh2);
+    expect(await t2.getlk(c, id, fh, 99n, other)).toMatchObject({ type: F_UNLCK });
+    await t2.setlk(c, id, fh3, 1n, { start: 0, end: LOCK_EOF, type: F_WRLCK, pid: 1 }, { wait: false, flock: true });
+  });
+
+  it('with a lock table shared with the old tree (a storage node), waits for the old session to let go; a guest unlock meanwhile wins', async () => {
+    fs.writeFileSync(path.join(dir, 'l'), 'x');
+    const shared = new LockManager();
+    const oldTree = new StableIdFileTree(new NodeSession(await LocalFileTree.open(dir, { locks: shared }), 'old'));
+    trees.push(oldTree);
+    const id = await walk(oldTree, c, 'l');
+    const fh = (await oldTree.open(c, id, O_RDWR)).fh;
+    await oldTree.setlk(c, id, fh, 7n, { start: 0, end: 9, type: F_WRLCK, pid: 70 }, { wait: false, flock: false });
+    await oldTree.setlk(c, id, fh, 8n, { start: 20, end: 29, type: F_WRLCK, pid: 80 }, { wait: false, flock: false });
+    const snap = JSON.parse(JSON.stringify(oldTree.snapshot())) as StableSnapshot;
+    const { tree: t2 } = await StableIdFileTree.restore(new NodeSession(await LocalFileTree.open(dir, { locks: shared }), 'new'), snap);
+    trees.push(t2);
+    let relocked = false;
+    void t2.relocked.then(() => (relocked = true));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(relocked).toBe(false); // the old session still holds them
+    // the guest gives up owner 8's lock before the old session is gone: it must not come back
+    await t2.setlk(c, id, fh, 8n, { start: 20, end: 29, type: F_UNLCK, pid: 80 }, { wait: false, flock: false });
+    await oldTree.inner.endSession(c.session); // the old process lets go (its node session ends)
+    await t2.relocked;
+    const probe = (await t2.open(ctx('probe'), await walk(t2, ctx('probe'), 'l'), O_RDWR)).fh;
+    const pid = await walk(t2, ctx('probe'), 'l');
+    expect(await errno(t2.setlk(ctx('probe'), pid, probe, 1n, { start: 0, end: 9, type: F_WRLCK, pid: 1 }, { wait: false, flock: false }))).toBe('EAGAIN');
+    await t2.setlk(ctx('probe'), pid, probe, 1n, { start: 20, end: 29, type: F_WRLCK, pid: 1 }, { wait: false, flock: false });
   });
 });
