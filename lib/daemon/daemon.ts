@@ -272,14 +272,16 @@ export class Daemon {
 
   /** The registry's share factory: a share taken over is served as it is, the others are created. */
   private adoptingFactory(f: ShareServerFactory): ShareServerFactory {
-    return async (vm, s) => {
+    return async (vm, s, opts) => {
       const key = `${vm}\0${s.tag}`;
       const a = this.adopted.get(key);
       if (a) {
         this.adopted.delete(key);
+        // Served since the takeover without QoS: from now on through the VM's flow.
+        if (opts?.flow) a.bindQos?.(opts.flow);
         return a;
       }
-      return f(vm, s);
+      return f(vm, s, opts);
     };
   }
 

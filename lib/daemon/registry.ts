@@ -473,7 +473,8 @@ export class VmRegistry {
     if (!this.deps.createShareServer) throw new RegistryError(400, `${where}: this daemon cannot serve shares`);
     let share: RunningShare;
     try {
-      share = await this.deps.createShareServer(vm.name, config);
+      // The VM's flow: its shares' requests and its disks' share one QoS allocation.
+      share = await this.deps.createShareServer(vm.name, config, vm.flow ? { flow: vm.flow } : {});
     } catch (e) {
       const what = config.path !== undefined ? `path ${config.path}` : `dir ${config.dir}`;
       throw new RegistryError(e instanceof RegistryError ? e.status : 400, `${where}: cannot serve ${what}: ${(e as Error).message}`);

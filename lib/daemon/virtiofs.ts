@@ -28,6 +28,8 @@ import { closeQuietly } from '../vhost/channel.js';
 import { VhostUserServer, type ServerState } from '../vhost/server.js';
 import { native } from '../native/index.js';
 import { openShare } from './shares.js';
+import { QosFileTree } from '../qos/fs.js';
+import type { QosFlow } from '../qos/scheduler.js';
 
 export interface ShareCounters {
   /** A front end (QEMU) is connected now. */
@@ -49,6 +51,11 @@ export interface RunningShare {
   close(): Promise<void>;
   /** Live handoff to another process (absent: this share cannot be handed over). */
   readonly handoff?: ShareHandoff;
+  /**
+   * Puts the share's requests through the VM's QoS flow from now on (a share adopted from a
+   * handoff is served before the registry has its VM's flow). Absent: no QoS layer in the stack.
+   */
+  bindQos?(flow: QosFlow): void;
 }
 
 /** A share's part in a live handoff (lib/daemon/handoff.ts), old-process side. */
@@ -95,7 +102,13 @@ export interface ShareDeps {
   nodesCache?: Map<string, NodeRecord>;
 }
 
-export type ShareServerFactory = ((vm: string, share: ShareConfig) => Promise<RunningShare>) & {
+/** What the registry gives a share of its VM. */
+export interface ShareServeOptions {
+  /** The VM's flow in the host's QoS scheduler (absent: the daemon runs without QoS). */
+  flow?: QosFlow;
+}
+
+export type ShareServerFactory = ((vm: string, share: ShareConfig, opts?: ShareServeOptions) => Promise<RunningShare>) & {
   /** Rebuilds a handed-over share (takes every fd; closes them on failure). */
   adopt?: (vm: string, share: ShareConfig, state: ShareHandoffState, fds: number[]) => Promise<AdoptedShare>;
 };
@@ -129,11 +142,13 @@ async function openTree(vm: string, s: ShareConfig, deps: ShareDeps): Promise<{ 
 }
 
 export function shareServerFactory(deps: ShareDeps): ShareServerFactory {
-  const create = async (vm: string, s: ShareConfig): Promise<RunningShare> => {
+  const create = async (vm: string, s: ShareConfig, opts: ShareServeOptions = {}): Promise<RunningShare> => {
     const log = deps.logger.child({ vm, share: s.tag });
     const { tree, node } = await openTree(vm, s, deps);
     const stable = new StableIdFileTree(tree);
-    return serveShare(vm, s, log, stable, node, { sessions: 0, engine: null }, async (device) => {
+    // QoS on top: the engine's calls are scheduled, StableIdFileTree's own (handoff) work is not.
+    const front = opts.flow ? new QosFileTree(stable, opts.flow) : undefined;
+    return serveShare(vm, s, log, stable, front, node, { sessions: 0, engine: null }, async (device) => {
       try {
         await prepareSocket(s.socket, 'share socket');
         return await VhostUserServer.listen({ path: s.socket, device, logger: log });
@@ -166,14 +181,16 @@ export function shareServerFactory(deps: ShareDeps): ShareServerFactory {
       await tree.close().catch(() => {});
       throw e;
     }
+    // Bound to the VM's flow when the registry adds the VM (bindQos); passes through until then.
+    const front = new QosFileTree(stable);
     let engine: FuseEngine | null = null;
     if (st.engine) {
-      engine = new FuseEngine({ tree: stable, logger: log, session: st.engine.session, readOnly: s.readOnly });
+      engine = new FuseEngine({ tree: front, logger: log, session: st.engine.session, readOnly: s.readOnly });
       const ng = st.engine.negotiated;
       if (ng) engine.resumeSession({ ...ng, flags: BigInt(ng.flags) });
     }
     let server: VhostUserServer | undefined;
-    const share = await serveShare(vm, s, log, stable, node, { sessions: st.sessions, engine }, async (device) => {
+    const share = await serveShare(vm, s, log, stable, front, node, { sessions: st.sessions, engine }, async (device) => {
       try {
         server = VhostUserServer.adopt({ path: s.socket, device, logger: log }, st.server, fds);
         return server;
@@ -197,12 +214,14 @@ export function shareServerFactory(deps: ShareDeps): ShareServerFactory {
 /**
  * The running share over its stack: the engine per FUSE session, the virtio-fs device, the
  * vhost-user server `listen` makes for the device (a new socket, or one adopted from a handoff).
+ * `qos`, when set, is the engine's tree: the QoS layer over `tree`.
  */
 async function serveShare(
   vm: string,
   s: ShareConfig,
   log: Logger,
   tree: StableIdFileTree,
+  qos: QosFileTree | undefined,
   node: string | undefined,
   from: { sessions: number; engine: FuseEngine | null },
   listen: (device: VirtioFsDevice) => Promise<VhostUserServer> | VhostUserServer,
@@ -212,7 +231,7 @@ async function serveShare(
   const engineNow = (): FuseEngine => {
     if (!engine) {
       sessions++;
-      engine = new FuseEngine({ tree, logger: log, session: `${vm}/${s.tag}#${sessions}`, readOnly: s.readOnly });
+      engine = new FuseEngine({ tree: qos ?? tree, logger: log, session: `${vm}/${s.tag}#${sessions}`, readOnly: s.readOnly });
     }
     return engine;
   };
@@ -267,5 +286,12 @@ async function serveShare(
       await tree.close();
     },
     handoff,
+    ...(qos
+      ? {
+          bindQos: (flow: QosFlow) => {
+            qos.flow = flow;
+          },
+        }
+      : {}),
   };
 }
