@@ -102,12 +102,17 @@ export function renderPaths(s: DaemonStatus): string {
   }
   const ps = s.paths ?? [];
   if (ps.length === 0) return out;
-  const rows = [['NODE', 'PATH', 'STATE', 'INFLIGHT', 'SVC-MS', 'READS', 'WRITES', 'READ', 'WRITTEN', 'ERRORS', 'FAILOVERS', 'DOWNS', 'VMS', 'NOTE']];
+  const rows = [['NODE', 'PATH', 'STATE', 'INFLIGHT', 'SVC-MS', 'P50-MS', 'P99-MS', 'READS', 'WRITES', 'READ', 'WRITTEN', 'ERRORS', 'FAILOVERS', 'DOWNS', 'VMS', 'NOTE']];
   for (const p of ps) {
     const note = p.heldUntil ? `held ${Math.max(0, Math.ceil((p.heldUntil - Date.now()) / 1000))}s (flapping)` : p.awaitingFailback ? 'healthy, awaiting failback' : (p.reason ?? '');
-    rows.push([p.node, p.id, p.state, String(p.inflight), p.serviceTimeMs.toFixed(2), String(p.reads), String(p.writes), formatBytes(p.bytesRead), formatBytes(p.bytesWritten), String(p.errors), String(p.failovers), String(p.downs), p.vms.join(',') || '-', note]);
+    rows.push([p.node, p.id, p.state, String(p.inflight), p.serviceTimeMs.toFixed(2), fmtMs(p.latencyMs?.p50), fmtMs(p.latencyMs?.p99), String(p.reads), String(p.writes), formatBytes(p.bytesRead), formatBytes(p.bytesWritten), String(p.errors), String(p.failovers), String(p.downs), p.vms.join(',') || '-', note]);
   }
   return out + renderTable(rows);
+}
+
+/** A percentile in ms ('-': no request in the last window, or a daemon too old to say). */
+function fmtMs(ms: number | undefined): string {
+  return !ms ? '-' : ms.toFixed(ms < 0.1 ? 3 : 2);
 }
 
 /** Each replica as NODE:STATE, with `down`, dirty bytes and resync progress when there are any. */
@@ -136,7 +141,7 @@ export function registerStatus(program: Command): void {
   program
     .command('status')
     .summary("show the running daemon's VMs, disks and counters")
-    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume; then suspended VMs and the paths to storage nodes (state, in flight, service time, counters, failovers)")
+    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume; then suspended VMs and the paths to storage nodes (state, in flight, service time: EWMA and p50/p99 of the last second, counters, failovers)")
     .addOption(controlOption())
     .option('--json', 'print the raw status object (GET /v1/status) as JSON', false)
     .addHelpText(

@@ -24,6 +24,16 @@ export function renderPathMetrics(s: { paths?: PathStatus[]; vms: Array<{ name: 
   );
   per('vstore_path_inflight_requests', 'gauge', 'Requests in flight on the path.', (p) => p.inflight);
   per('vstore_path_service_time_seconds', 'gauge', 'EWMA of request service time on the path.', (p) => p.serviceTimeMs / 1000);
+  // A summary as the VMs' vstore_vm_qos_latency_seconds: quantiles of the last window, cumulative sum and count.
+  out.push('# HELP vstore_path_latency_seconds Service time of requests on the path: quantiles over the last window (~1 s), cumulative sum and count.');
+  out.push('# TYPE vstore_path_latency_seconds summary');
+  for (const { labels, p } of paths) {
+    for (const [q, v] of [['0.5', p.latencyMs.p50], ['0.9', p.latencyMs.p90], ['0.99', p.latencyMs.p99]] as const) {
+      out.push(`vstore_path_latency_seconds${labels.slice(0, -1)},quantile="${q}"} ${v / 1000}`);
+    }
+    out.push(`vstore_path_latency_seconds_sum${labels} ${p.latencySumMs / 1000}`);
+    out.push(`vstore_path_latency_seconds_count${labels} ${p.latencyCount}`);
+  }
   per('vstore_path_reads_total', 'counter', 'Read requests completed on the path.', (p) => p.reads);
   per('vstore_path_writes_total', 'counter', 'Write requests completed on the path.', (p) => p.writes);
   per('vstore_path_read_bytes_total', 'counter', 'Bytes read over the path.', (p) => p.bytesRead);

@@ -15,6 +15,7 @@
  * Inputs are events (requests, connections, probes) and `tick()` with the clock; no timers here
  * (NodePaths runs them), so the machine is tested with a fake clock.
  */
+import { LatencyHistogram } from '../qos/histogram.js';
 import type { Clock, PathPolicy } from './policy.js';
 
 export type PathState = 'up' | 'failing' | 'down';
@@ -34,6 +35,14 @@ export interface PathStatus {
   inflight: number;
   /** EWMA of request service time (ms). */
   serviceTimeMs: number;
+  /**
+   * Percentiles of service time (ms) of the requests that succeeded in the last closed window
+   * (PATH_LATENCY_WINDOW_MS, as the VMs' QoS percentiles); 0 when that window had none.
+   */
+  latencyMs: { p50: number; p90: number; p99: number };
+  /** Cumulative sum (ms) and count of the service times measured (a Prometheus summary's _sum and _count). */
+  latencySumMs: number;
+  latencyCount: number;
   reads: number;
   writes: number;
   others: number;
@@ -54,6 +63,15 @@ const EWMA_ALPHA = 0.2;
 const INITIAL_SERVICE_MS = 0.5;
 
 export type RequestKind = 'read' | 'write' | 'other';
+
+/**
+ * Window of the service-time percentiles (ms): the same ~1 s as the VMs' QoS percentiles, so
+ * a VM's P99 in `vstore status` can be set beside its path's. Windows are closed lazily (on the
+ * next request or status after they end): no timer per path.
+ */
+export const PATH_LATENCY_WINDOW_MS = 1000;
+
+const NO_LATENCY = { p50: 0, p90: 0, p99: 0 };
 
 export class Path {
   state: PathState = 'down';
@@ -82,6 +100,12 @@ export class Path {
   private failbackAllowed = false;
   /** VMs homed here (affinity), maintained by NodePaths. */
   readonly homes = new Set<string>();
+  /** Service times of the current window; the percentiles of the last closed one; totals. */
+  private readonly window = new LatencyHistogram();
+  private windowStart: number;
+  private lastLatency = NO_LATENCY;
+  private latencySumMs = 0;
+  private latencyCount = 0;
 
   constructor(
     readonly id: string,
@@ -92,7 +116,9 @@ export class Path {
     private readonly clock: Clock,
     /** Called on every state change (NodePaths logs and emits). */
     private readonly onChange: (p: Path, from: PathState) => void = () => {},
-  ) {}
+  ) {
+    this.windowStart = clock.now();
+  }
 
   // ------------------------------------------------------------------ requests
 
@@ -104,7 +130,12 @@ export class Path {
   /** A request on this path succeeded after `ms`. */
   succeeded(ms: number, kind: RequestKind, bytes: number): void {
     this.inflight = Math.max(0, this.inflight - 1);
-    this.serviceTimeMs += EWMA_ALPHA * (Math.max(0, ms) - this.serviceTimeMs);
+    const t = Math.max(0, ms);
+    this.serviceTimeMs += EWMA_ALPHA * (t - this.serviceTimeMs);
+    this.rollWindow(this.clock.now());
+    this.window.record(t / 1000);
+    this.latencySumMs += t;
+    this.latencyCount++;
     if (kind === 'read') {
       this.reads++;
       this.bytesRead += bytes;
@@ -194,6 +225,7 @@ export class Path {
 
   status(): PathStatus {
     const now = this.clock.now();
+    this.rollWindow(now);
     const s: PathStatus = {
       id: this.id,
       node: this.node,
@@ -203,6 +235,9 @@ export class Path {
       ...(this.reason !== undefined && this.state !== 'up' ? { reason: this.reason } : {}),
       inflight: this.inflight,
       serviceTimeMs: Math.round(this.serviceTimeMs * 1000) / 1000,
+      latencyMs: this.lastLatency,
+      latencySumMs: this.latencySumMs,
+      latencyCount: this.latencyCount,
       reads: this.reads,
       writes: this.writes,
       others: this.others,
@@ -219,6 +254,18 @@ export class Path {
   }
 
   // ------------------------------------------------------------------ internals
+
+  /** Closes the percentile window if it has ended (an empty window after it: no percentiles). */
+  private rollWindow(now: number): void {
+    const age = now - this.windowStart;
+    if (age < PATH_LATENCY_WINDOW_MS) return;
+    const w = this.window;
+    // Bucket bounds are seconds; status is in ms (to the µs).
+    const ms = (q: number): number => Math.round(w.quantile(q) * 1e6) / 1000;
+    this.lastLatency = age < 2 * PATH_LATENCY_WINDOW_MS && w.count > 0 ? { p50: ms(0.5), p90: ms(0.9), p99: ms(0.99) } : NO_LATENCY;
+    w.reset();
+    this.windowStart = now - (age % PATH_LATENCY_WINDOW_MS);
+  }
 
   private goDown(reason: string): void {
     const now = this.clock.now();

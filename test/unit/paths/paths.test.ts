@@ -1,5 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { pino } from 'pino';
+import { renderPaths } from '../../../lib/cli/status.js';
+import { renderMetrics, type DaemonStatus } from '../../../lib/daemon/control.js';
 import { NodePaths, Path, pathPolicy, selectPath, type Clock, type PathPolicy } from '../../../lib/paths/index.js';
 
 /** A clock the test moves by hand; timers fire in order as time passes. */
@@ -95,6 +97,58 @@ describe('path state machine', () => {
     expect(p.serviceTimeMs).toBeGreaterThan(9.9);
     expect(p.serviceTimeMs).toBeLessThanOrEqual(10);
     expect(p.status()).toMatchObject({ reads: 25, writes: 25, bytesRead: 25 * 4096, bytesWritten: 25 * 4096, inflight: 0 });
+  });
+});
+
+describe('service-time percentiles', () => {
+  it('p50/p99 of the last closed one-second window in the path status, vstore status and /metrics; an idle window clears them', () => {
+    const { p, clock } = mkPath();
+    p.healthy();
+    const serve = (ms: number, n: number): void => {
+      for (let i = 0; i < n; i++) {
+        p.begin();
+        p.succeeded(ms, 'read', 4096);
+      }
+    };
+    serve(1, 90);
+    serve(50, 10);
+    // The window is still open: nothing closed yet.
+    expect(p.status().latencyMs).toEqual({ p50: 0, p90: 0, p99: 0 });
+    clock.advance(1000);
+    const st = p.status();
+    // Histogram buckets are 4 per doubling: the reported bound is within 19% above the true value.
+    expect(st.latencyMs.p50).toBeGreaterThanOrEqual(1);
+    expect(st.latencyMs.p50).toBeLessThan(1.19);
+    expect(st.latencyMs.p99).toBeGreaterThanOrEqual(50);
+    expect(st.latencyMs.p99).toBeLessThan(59.5);
+    expect(st).toMatchObject({ latencyCount: 100, latencySumMs: 590 });
+    // The next window: fast requests only; the previous window's slow tail is gone from p99.
+    serve(2, 20);
+    clock.advance(1000);
+    expect(p.status().latencyMs.p99).toBeLessThan(2.4);
+
+    const daemon: DaemonStatus = { pid: 1, version: 'x', startedAt: '', uptimeSeconds: 0, control: '/c', vms: [], paths: [p.status()] };
+    const table = renderPaths(daemon).split('\n');
+    const header = table.find((l) => l.startsWith('NODE'))!;
+    expect(header).toMatch(/SVC-MS\s+P50-MS\s+P99-MS\s+READS/);
+    const row = table.find((l) => l.startsWith('n1'))!.split(/\s+/);
+    const col = (name: string): string => row[header.split(/\s+/).indexOf(name)]!;
+    expect(Number(col('P50-MS'))).toBeGreaterThanOrEqual(2);
+    expect(Number(col('P99-MS'))).toBeLessThan(2.4);
+    expect(col('READS')).toBe('120');
+    const metrics = renderMetrics(daemon);
+    expect(metrics).toContain('# TYPE vstore_path_latency_seconds summary');
+    const q99 = metrics.match(/^vstore_path_latency_seconds\{node="n1",path="p",quantile="0.99"\} (\S+)$/m);
+    expect(Number(q99?.[1])).toBeGreaterThanOrEqual(0.002);
+    expect(Number(q99?.[1])).toBeLessThan(0.0024);
+    expect(metrics).toMatch(/^vstore_path_latency_seconds_sum\{node="n1",path="p"\} 0\.63$/m);
+    expect(metrics).toMatch(/^vstore_path_latency_seconds_count\{node="n1",path="p"\} 120$/m);
+
+    // A second without requests: no percentiles ('-' in the table), the totals stay.
+    clock.advance(1000);
+    expect(p.status()).toMatchObject({ latencyMs: { p50: 0, p90: 0, p99: 0 }, latencyCount: 120 });
+    const idle = renderPaths({ ...daemon, paths: [p.status()] }).split('\n').find((l) => l.startsWith('n1'))!;
+    expect(idle.split(/\s+/).slice(5, 8)).toEqual(['-', '-', '120']);
   });
 });
 
