@@ -12,6 +12,10 @@
  * handles are its own, so a live handoff to a new daemon process (lib/daemon/handoff.ts) can
  * carry them: `handoff` quiesces the device and exports the vhost-user state, the FUSE session
  * and the id table; the factory's `adopt` rebuilds the share from that in the new process.
+ *
+ * When the daemon has QoS, the engine's tree is a QosFileTree (lib/qos/fs.ts) over the
+ * StableIdFileTree, submitting to the VM's flow (the registry passes it): a VM's disks and shares
+ * share one allocation. An adopted share gets the layer unbound and `bindQos` binds it.
  */
 import type { ShareConfig } from '../config/shares.js';
 import { IdMapFileTree } from '../fs/idmap.js';
