@@ -16,6 +16,8 @@
 #
 #   bash bench/virtiofs.sh                 # SIZE_MIB=128 FILES=500 ROUNDS=1
 #   ROUNDS=3 bash bench/virtiofs.sh
+#   VSTORE_QOS=false bash bench/virtiofs.sh   # the daemon without its QoS layer
+#   VSTORE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" bash bench/virtiofs.sh   # profile the daemon
 #
 # Writes bench/out-virtiofs/results.json (+ raw serial logs) and prints a table.
 set -euo pipefail
@@ -98,11 +100,13 @@ start_subject() {
   case "$s" in
     vstore)
       rm -rf "$WORK/host" && mkdir -p "$WORK/host"
+      QOSJSON=
+      [ -n "${VSTORE_QOS:-}" ] && QOSJSON=" \"qos\": { \"enabled\": $VSTORE_QOS },"
       cat >"$WORK/host/config.json" <<EOF
-{ "runDir": "$WORK/host/run", "control": "$WORK/host/control.sock",
+{ "runDir": "$WORK/host/run", "control": "$WORK/host/control.sock",$QOSJSON
   "vms": [ { "name": "bench", "shares": [ { "tag": "s", "dir": "$dir", "target": "/mnt/s" } ] } ] }
 EOF
-      node "$ROOT/bin/vstore.js" serve -c "$WORK/host/config.json" --log-level warn >"$WORK/vstore.log" 2>&1 &
+      node ${VSTORE_NODE_ARGS:-} "$ROOT/bin/vstore.js" serve -c "$WORK/host/config.json" --log-level warn >"$WORK/vstore.log" 2>&1 &
       PIDS+=($!)
       SOCK=$WORK/host/run/bench-s.fs.sock
       ;;
@@ -113,7 +117,7 @@ EOF
       PIDS+=($!)
       ;;
   esac
-  for _ in $(seq 100); do [ -S "$SOCK" ] && return; sleep 0.1; done
+  for _ in $(seq 300); do [ -S "$SOCK" ] && return; sleep 0.1; done
   echo "bench: $s did not create $SOCK" >&2; exit 1
 }
 
