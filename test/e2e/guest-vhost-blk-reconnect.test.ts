@@ -118,5 +118,7 @@ describe('guest on a vhost-user-blk disk whose back end is killed and restarted 
       }
       await guest.catch(() => undefined);
     }
-  });
+    // Longer than the guest's own 180 s limit, so a slow run ends with the guest's console, not
+    // a bare vitest timeout (one full run at load 10 hit 120 s).
+  }, 240_000);
 });
