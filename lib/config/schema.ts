@@ -112,7 +112,7 @@ export const diskCacheSchema = z.strictObject({
 
 /** The host's cache device (top-level `cache`): shared by every disk of the host. */
 export const hostCacheSchema = z.strictObject({
-  /** A file (created sparse with `size` when missing) or a block device. */
+  /** A file (created sparse with `size` when missing), a block device, or an NBD URI (nbd+unix:///EXPORT?socket=PATH, nbd://HOST/EXPORT). */
   device: pathSchema,
   size: sizeSchema.optional(),
   /** Cache line size for a fresh device (a power of two, 4K..1M); default 64K. */
@@ -697,7 +697,7 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
     ...(c.cache
       ? {
           cache: {
-            device: path.resolve(baseDir, c.cache.device),
+            device: /^nbds?(\+unix|\+tcp)?:\/\//.test(c.cache.device) ? c.cache.device : path.resolve(baseDir, c.cache.device),
             ...(c.cache.size !== undefined ? { size: c.cache.size } : {}),
             ...(c.cache.lineSize !== undefined ? { lineSize: c.cache.lineSize } : {}),
             ramBytes: c.cache.ram ?? 64 * 1024 * 1024,

@@ -114,11 +114,10 @@ export class CacheDevice {
   private ckptSeq = 0;
   private generation = 0;
   private committing: Promise<void> | null = null;
-  private commitAgain = false;
   private failed: VolumeError | null = null;
   private readonly evictBatch: number;
   private readonly logger: CacheDeviceOptions['logger'];
-  private waiters: Array<() => void> = [];
+  private waiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
 
   private constructor(readonly storage: Volume, sb: Superblock, opts: CacheDeviceOptions) {
     this.sb = sb;
@@ -445,7 +444,8 @@ export class CacheDevice {
 
   /** Reads `buf.length` bytes of slot s from byte `at` of its line. */
   async readData(s: number, at: number, buf: Buffer): Promise<void> {
-    this.check();
+    // Tried even after the device failed: a device whose writes fail may still read, and the
+    // disks write back what they can (CacheVolume.degrade).
     try {
       await this.storage.read(this.offsetOf(s, 0) + at, buf);
     } catch (e) {
@@ -466,6 +466,13 @@ export class CacheDevice {
 
   // ------------------------------------------------------------------------------ commit
 
+  /** Whether the records of these slots are durable now (none waits for, or is in, a commit). */
+  durable(slots: Iterable<number>): boolean {
+    if (this.committing) return false;
+    for (const s of slots) if (this.pendingSlots.has(s)) return false;
+    return true;
+  }
+
   /** Whether anything waits for a commit. */
   get hasPending(): boolean {
     return this.pendingSlots.size > 0 || this.pendingDisk.length > 0 || this.dataDirty || this.freeing.length > 0;
@@ -476,33 +483,29 @@ export class CacheDevice {
    * arriving while one runs share the next).
    */
   commit(): Promise<void> {
-    if (this.committing) {
-      this.commitAgain = true;
-      return new Promise<void>((resolve, reject) => {
-        this.waiters.push(() => (this.failed ? reject(this.failed) : resolve()));
-      });
-    }
-    this.committing = this.runCommits().finally(() => {
-      this.committing = null;
-    });
-    return this.committing;
+    const p = new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+    this.committing ??= this.runCommits();
+    return p;
   }
 
+  /**
+   * Runs commits while callers wait; each caller is answered by the first commit that started
+   * after it called. `committing` is cleared in the same turn as the last check of `waiters`,
+   * so a caller never waits on a loop that has ended.
+   */
   private async runCommits(): Promise<void> {
     try {
-      do {
-        this.commitAgain = false;
+      while (this.waiters.length) {
         const waiters = this.waiters.splice(0);
         try {
           await this.commitOnce();
-        } finally {
-          for (const w of waiters) w();
+          for (const w of waiters) w.resolve();
+        } catch (e) {
+          for (const w of waiters) w.reject(e);
         }
-      } while (this.commitAgain || this.waiters.length);
-    } catch (e) {
-      const waiters = this.waiters.splice(0);
-      for (const w of waiters) w();
-      throw e;
+      }
+    } finally {
+      this.committing = null;
     }
   }
 

@@ -18,6 +18,8 @@ import { hostname } from 'node:os';
 import type { Logger } from 'pino';
 import { VolumeError } from '../errors.js';
 import { FileVolume } from '../file.js';
+import { RemoteVolume } from '../remote.js';
+import { parseNbdUri } from '../../nbd/client.js';
 import type { Volume } from '../volume.js';
 import type { NameRecord, ResolverStore } from '../../resolver/types.js';
 import { CacheDevice } from './device.js';
@@ -102,12 +104,18 @@ export class CacheHost {
   static async open(cfg: HostCacheConfig, logger: Logger, resolver?: ResolverStore): Promise<CacheHost> {
     const create = cfg.size !== undefined ? { create: { size: cfg.size } } : {};
     let storage: Volume;
-    try {
-      storage = await FileVolume.open(cfg.device, { direct: true, logger, ...create });
-    } catch (e) {
-      // tmpfs and some filesystems refuse O_DIRECT (EINVAL): buffered, synced by fdatasync.
-      if ((e as { code?: string }).code !== 'EINVAL') throw e;
-      storage = await FileVolume.open(cfg.device, { logger, ...create });
+    if (/^nbds?(\+unix|\+tcp)?:\/\//.test(cfg.device)) {
+      // A cache device served over NBD (an NVMe-oF-less remote SSD, or a test's nbdkit with
+      // its error filter): errors it answers make the disks degrade like a local device's.
+      storage = await RemoteVolume.open({ id: 'cache-device', addresses: [cfg.device], export: parseNbdUri(cfg.device).export ?? '', logger, timeoutMs: 10_000 });
+    } else {
+      try {
+        storage = await FileVolume.open(cfg.device, { direct: true, logger, ...create });
+      } catch (e) {
+        // tmpfs and some filesystems refuse O_DIRECT (EINVAL): buffered, synced by fdatasync.
+        if ((e as { code?: string }).code !== 'EINVAL') throw e;
+        storage = await FileVolume.open(cfg.device, { logger, ...create });
+      }
     }
     try {
       const device = await CacheDevice.open(storage, { ...(cfg.lineSize !== undefined ? { lineSize: cfg.lineSize } : {}), logger });

@@ -855,6 +855,10 @@ export class CacheVolume implements Volume {
       if (n === undefined) return;
       while ((this.inflight.get(n) ?? 0) > 0) await new Promise((r) => setTimeout(r, 1));
       const slots = [...(this.dirtySlots.get(n) ?? [])];
+      // The epoch's slots must be durable here before their data reaches the backing volume:
+      // else a crash could bring back an older clean slot they shadow, now older than the
+      // backing volume (found by the crash model). After a guest FLUSH this costs nothing.
+      if (!this.device.durable(slots)) await this.device.commit();
       let i = 0;
       const worker = async (): Promise<void> => {
         while (i < slots.length) {
