@@ -11,6 +11,7 @@
 #
 #   bash bench/replicated.sh                         # 8 s per run, 1 round
 #   RUNTIME=5 ROUNDS=3 bash bench/replicated.sh
+#   VSTORE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" bash bench/replicated.sh   # profile the daemon
 #
 # Writes bench/out-replicated/raw/*.json, results.json and bench/replicated.svg; prints a table.
 set -euo pipefail
@@ -66,7 +67,7 @@ vms:
       - { name: disk0, volume: { size: ${SIZE_MIB}M, replicas: 2 } }
       - { name: disk1, volume: { size: ${SIZE_MIB}M, replicas: 1 } }
 YAML
-$VSTORE serve -c "$WORK/config.yaml" >"$WORK/daemon.log" 2>&1 &
+node ${VSTORE_NODE_ARGS:-} "$ROOT/bin/vstore.js" serve -c "$WORK/config.yaml" >"$WORK/daemon.log" 2>&1 &
 PIDS+=($!)
 DAEMON_PID=$!
 DAEMON_URI="nbd+unix:///?socket=$WORK/run/bench-disk0.sock"
