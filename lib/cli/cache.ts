@@ -58,10 +58,10 @@ async function withProgress<T>(control: string, path: string, label: string, pic
   }
 }
 
-export function renderCacheStats(name: string, s: CacheStats): string {
-  const rows = [
-    ['DISK', 'MODE', 'HIT%', 'USED', 'DIRTY', 'WB-RATE', 'WRITTEN-BACK', 'EVICTIONS', 'STATE'],
-    [
+export function renderCacheStats(disks: Array<{ name: string; s: CacheStats }>): string {
+  const rows = [['DISK', 'MODE', 'HIT%', 'USED', 'DIRTY', 'WB-RATE', 'WRITTEN-BACK', 'EVICTIONS', 'STATE']];
+  for (const { name, s } of disks) {
+    rows.push([
       name,
       s.mode,
       (s.hitRatio * 100).toFixed(1),
@@ -71,8 +71,8 @@ export function renderCacheStats(name: string, s: CacheStats): string {
       formatBytes(s.writtenBackBytes),
       String(s.evictions),
       s.degraded ? `DEGRADED (device failed${s.lostBytes ? `, ${formatBytes(s.lostBytes)} lost` : ''})` : 'ok',
-    ],
-  ];
+    ]);
+  }
   return renderTable(rows);
 }
 
@@ -104,7 +104,7 @@ Examples:
     .action(async (disk: string | undefined, opts: { control: string; json: boolean }) => {
       if (disk) {
         const s = await call<CacheStats>(opts.control, 'GET', diskPath(disk));
-        process.stdout.write(opts.json ? JSON.stringify(s, null, 2) + '\n' : renderCacheStats(disk, s));
+        process.stdout.write(opts.json ? JSON.stringify(s, null, 2) + '\n' : renderCacheStats([{ name: disk, s }]));
         return;
       }
       const all = await call<{ host: string; device: { slots: number; freeSlots: number; lineSize: number }; disks: Array<{ vm: string; disk: string; stats: CacheStats }> }>(opts.control, 'GET', '/v1/cache');
@@ -114,7 +114,7 @@ Examples:
       }
       const d = all.device;
       let out = `cache device (host ${all.host}): ${d.slots} lines of ${formatBytes(d.lineSize)}, ${d.freeSlots} free\n`;
-      for (const x of all.disks) out += renderCacheStats(`${x.vm}/${x.disk}`, x.stats);
+      if (all.disks.length) out += renderCacheStats(all.disks.map((x) => ({ name: `${x.vm}/${x.disk}`, s: x.stats })));
       process.stdout.write(out);
     });
 
@@ -160,6 +160,8 @@ Examples:
         (st) => (st.warm ? { done: st.warm.doneBytes, total: st.warm.totalBytes } : undefined),
         call<CacheStats>(opts.control, 'POST', `${path}/warm`, body),
       );
+      const total = body.length ?? (body.offset !== undefined ? Math.max(0, s.sizeBytes - body.offset) : s.sizeBytes);
+      process.stderr.write(`warm ${progressBar(total, total)}\n`);
       process.stdout.write(`${disk}: warm, ${formatBytes(s.usedBytes)} cached\n`);
     });
 

@@ -123,6 +123,8 @@ export const hostCacheSchema = z.strictObject({
   ram: z.union([z.literal(0), sizeSchema]).optional(),
   /** This host's name in the resolver's dirty-cache records; default the hostname. */
   host: z.string().min(1).max(255).optional(),
+  /** O_DIRECT on the cache device (default false: buffered, fdatasync at every commit). */
+  direct: z.boolean().optional(),
 });
 
 export const diskSchema = z.strictObject({
@@ -444,7 +446,7 @@ export interface DaemonConfig {
   /** The host-wide scheduler; absent: DEFAULT_HOST_QOS. */
   qos?: HostQosConfig;
   /** The local cache device (absent: disks are not cached). */
-  cache?: { device: string; size?: number; lineSize?: number; ramBytes: number; host?: string };
+  cache?: { device: string; size?: number; lineSize?: number; ramBytes: number; host?: string; direct?: boolean };
 }
 
 /** Where relative paths are anchored and where sockets go by default. */
@@ -702,6 +704,7 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
             ...(c.cache.lineSize !== undefined ? { lineSize: c.cache.lineSize } : {}),
             ramBytes: c.cache.ram ?? 64 * 1024 * 1024,
             ...(c.cache.host !== undefined ? { host: c.cache.host } : {}),
+            ...(c.cache.direct !== undefined ? { direct: c.cache.direct } : {}),
           },
         }
       : {}),

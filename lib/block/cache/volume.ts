@@ -88,6 +88,8 @@ export interface CacheStats {
   key: string;
   mode: CacheMode;
   degraded: boolean;
+  /** The disk's size. */
+  sizeBytes: number;
   lineSize: number;
   /** Bytes read that the cache (device or RAM) served, and that went to the backing volume. */
   readHitBytes: number;
@@ -156,6 +158,8 @@ export class CacheVolume implements Volume {
   private readonly unreadable = new Set<number>();
 
   private wbRunning: Promise<void> | null = null;
+  /** The last write-back pass failed with this (the backing volume); cleared by a pass that succeeds. */
+  private wbError: VolumeError | null = null;
   /** drain() calls under way (write-back then runs at full width). */
   private draining = 0;
   private wbWaiters: Array<() => void> = [];
@@ -829,11 +833,22 @@ export class CacheVolume implements Volume {
     const sealed = [...this.dirtySlots.keys()].some((e) => e < this.epoch);
     if (!sealed) return;
     this.wbRunning = this.writeBackLoop()
-      .catch((e: unknown) => this.onBackgroundError(e))
+      .then(
+        () => {
+          this.wbError = null;
+        },
+        (e: unknown) => {
+          this.wbError = toVolumeError(e);
+          this.onBackgroundError(e);
+        },
+      )
       .finally(() => {
         this.wbRunning = null;
         this.wakeWriters();
-        if ([...this.dirtySlots.keys()].some((e) => e < this.epoch) && !this.degraded && !this.device.failure) setImmediate(() => this.kick());
+        // More to do: at once, or after a second when the backing volume failed (no busy retry).
+        if ([...this.dirtySlots.keys()].some((e) => e < this.epoch) && !this.degraded && !this.device.failure && !this.closed) {
+          setTimeout(() => this.kick(), this.wbError ? 1000 : 0).unref();
+        }
       });
   }
 
@@ -953,8 +968,12 @@ export class CacheVolume implements Volume {
         }
         this.seal();
         this.kick();
-        if (this.wbRunning) await this.wbRunning;
-        else if (this.dirtyBytes > 0) await new Promise((r) => setTimeout(r, 5));
+        if (this.wbRunning) {
+          await this.wbRunning;
+          // The backing volume failed: the dirty data stays on the cache device (durable, known,
+          // written back later); the caller learns that the drain did not complete.
+          if (this.wbError) throw this.wbError;
+        } else if (this.dirtyBytes > 0) await new Promise((r) => setTimeout(r, 5));
       }
       await this.device.commit();
     } finally {
@@ -1111,6 +1130,7 @@ export class CacheVolume implements Volume {
     const reads = this.st.readHit + this.st.readMiss;
     return {
       key: this.meta.key,
+      sizeBytes: this.size,
       mode: this.modeNow,
       degraded: this.degraded,
       lineSize: this.lineSize,

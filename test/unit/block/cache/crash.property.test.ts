@@ -31,7 +31,6 @@ class Killable extends VolumeLayer {
   }
   override async write(o: number, b: Buffer, opts?: WriteOptions): Promise<void> {
     this.gate();
-    if (process.env.DBG) console.log('backing write', o / 4096, b.length / 4096, [...Array(b.length / 4096).keys()].map((i) => b.readUInt32LE(i * 4096)).join(','));
     return this.inner.write(o, b, opts);
   }
   override async read(o: number, b: Buffer): Promise<void> {
@@ -86,7 +85,6 @@ async function runOps(ops: Op[]): Promise<void> {
           const kill = new Killable(backing);
           const device = await CacheDevice.open(dev, { lineSize: 16 * 1024 });
           const vol = await CacheVolume.open({ device, backing: kill, key: 'd', mode, maxDirtyBytes: 64 * 1024, sealAfterMs: 5 });
-          if (process.env.DBG) {
             const m = (vol as any).meta;
             console.log('OPEN dirty', vol.stats().dirtyBytes, 'epochDone', m.epochDone, 'epoch', vol.stats().epoch, JSON.stringify([...m.lines].map(([l, ss]: [number, number[]]) => [l, ss.map((x: number) => [x, device.slotEpoch[x], device.slotValid(x)[0]])])));
           }
@@ -134,7 +132,6 @@ async function runOps(ops: Op[]): Promise<void> {
             await new Promise((r) => setTimeout(r, 8));
           } else {
             kill.dead = true;
-            if (process.env.DBG) console.log('CRASH');
             dev = await dev.crash(lcg(op.seed));
             ({ vol, kill } = await open());
             const all = Buffer.alloc(SIZE);
