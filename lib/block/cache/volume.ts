@@ -318,9 +318,12 @@ export class CacheVolume implements Volume {
           io.push(this.device.readData(src, from, sub));
         } else {
           missed.push([from, to]);
-          io.push(this.backing.read(base + from, sub));
         }
       }
+      // Device reads hold the line (its slots cannot be evicted or reused meanwhile); the
+      // backing reads below do not: the fill guard taken above keeps a fill of what they return
+      // from landing after a newer write, and other requests on the line need not wait for
+      // the remote.
       await Promise.all(io);
       this.st.readHit += hit;
       this.st.readMiss += view.length - hit;
@@ -329,6 +332,14 @@ export class CacheVolume implements Volume {
         if (this.ram && s0 * SECTOR === at && s1 * SECTOR === at + view.length) this.ramPut(key, s0, view);
       }
     });
+    if (missed.length) {
+      try {
+        await Promise.all(missed.map(([from, to]) => this.backing.read(base + from, view.subarray(from - at, to - at))));
+      } catch (e) {
+        this.unguard(line);
+        throw e;
+      }
+    }
     if (missed.length === 0 || this.modeNow === 'pass-through') {
       if (missed.length) this.unguard(line);
       return;

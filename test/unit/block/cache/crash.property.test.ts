@@ -78,82 +78,79 @@ function lcg(seed: number): () => number {
 }
 
 async function runOps(ops: Op[]): Promise<void> {
-        const backing = new MemoryVolume({ size: SIZE });
-        let dev = CrashableVolume.create(2 * 1024 * 1024);
-        let mode: CacheMode = 'write-back';
-        const open = async (): Promise<{ vol: CacheVolume; kill: Killable }> => {
-          const kill = new Killable(backing);
-          const device = await CacheDevice.open(dev, { lineSize: 16 * 1024 });
-          const vol = await CacheVolume.open({ device, backing: kill, key: 'd', mode, maxDirtyBytes: 64 * 1024, sealAfterMs: 5 });
-            const m = (vol as any).meta;
-            console.log('OPEN dirty', vol.stats().dirtyBytes, 'epochDone', m.epochDone, 'epoch', vol.stats().epoch, JSON.stringify([...m.lines].map(([l, ss]: [number, number[]]) => [l, ss.map((x: number) => [x, device.slotEpoch[x], device.slotValid(x)[0]])])));
-          }
-          return { vol, kill };
-        };
-        let { vol, kill } = await open();
-        // model: per sector the durable value and the values written since
-        const durable = new Array<number>(SECTORS).fill(0);
-        const since: Array<Set<number>> = Array.from({ length: SECTORS }, () => new Set());
-        const latest = new Array<number>(SECTORS).fill(0);
-        let tag = 1;
-        for (const op of ops) {
-          if (op.k === 'write') {
-            const n = Math.min(op.count, SECTORS - op.sector);
-            const buf = Buffer.alloc(n * SECTOR);
-            const tags: number[] = [];
-            for (let i = 0; i < n; i++) {
-              tags.push(tag);
-              sectorBuf(tag++).copy(buf, i * SECTOR);
-            }
-            await vol.write(op.sector * SECTOR, buf, { fua: op.fua });
-            tags.forEach((t, i) => {
-              const s = op.sector + i;
-              latest[s] = t;
-              if (op.fua) {
-                durable[s] = t;
-                since[s]!.clear();
-              } else since[s]!.add(t);
-            });
-          } else if (op.k === 'read') {
-            const n = Math.min(op.count, SECTORS - op.sector);
-            const buf = Buffer.alloc(n * SECTOR);
-            await vol.read(op.sector * SECTOR, buf);
-            for (let i = 0; i < n; i++) expect(tagOf(buf, i * SECTOR), `sector ${op.sector + i}`).toBe(latest[op.sector + i]);
-          } else if (op.k === 'flush') {
-            await vol.flush();
-            for (let s = 0; s < SECTORS; s++) {
-              durable[s] = latest[s]!;
-              since[s]!.clear();
-            }
-          } else if (op.k === 'mode') {
-            await vol.setMode(op.mode);
-            mode = op.mode;
-          } else if (op.k === 'pause') {
-            await new Promise((r) => setTimeout(r, 8));
-          } else {
-            kill.dead = true;
-            dev = await dev.crash(lcg(op.seed));
-            ({ vol, kill } = await open());
-            const all = Buffer.alloc(SIZE);
-            await vol.read(0, all);
-            for (let s = 0; s < SECTORS; s++) {
-              const got = tagOf(all, s * SECTOR);
-              const ok = got === durable[s] || since[s]!.has(got);
-              expect(ok, `sector ${s} after crash: got ${got}, durable ${durable[s]}, since ${[...since[s]!]}`).toBe(true);
-              durable[s] = got;
-              latest[s] = got;
-              since[s]!.clear();
-            }
-          }
-        }
-        await vol.drain();
-        const viaCache = Buffer.alloc(SIZE);
-        await vol.read(0, viaCache);
-        const onBacking = Buffer.alloc(SIZE);
-        await backing.read(0, onBacking);
-        for (let s = 0; s < SECTORS; s++) expect(tagOf(onBacking, s * SECTOR), `backing sector ${s}`).toBe(tagOf(viaCache, s * SECTOR));
-        await vol.close();
+  const backing = new MemoryVolume({ size: SIZE });
+  let dev = CrashableVolume.create(2 * 1024 * 1024);
+  let mode: CacheMode = 'write-back';
+  const open = async (): Promise<{ vol: CacheVolume; kill: Killable }> => {
+    const kill = new Killable(backing);
+    const device = await CacheDevice.open(dev, { lineSize: 16 * 1024 });
+    const vol = await CacheVolume.open({ device, backing: kill, key: 'd', mode, maxDirtyBytes: 64 * 1024, sealAfterMs: 5 });
+    return { vol, kill };
+  };
+  let { vol, kill } = await open();
+  // model: per sector the durable value and the values written since
+  const durable = new Array<number>(SECTORS).fill(0);
+  const since: Array<Set<number>> = Array.from({ length: SECTORS }, () => new Set());
+  const latest = new Array<number>(SECTORS).fill(0);
+  let tag = 1;
+  for (const op of ops) {
+    if (op.k === 'write') {
+      const n = Math.min(op.count, SECTORS - op.sector);
+      const buf = Buffer.alloc(n * SECTOR);
+      const tags: number[] = [];
+      for (let i = 0; i < n; i++) {
+        tags.push(tag);
+        sectorBuf(tag++).copy(buf, i * SECTOR);
       }
+      await vol.write(op.sector * SECTOR, buf, { fua: op.fua });
+      tags.forEach((t, i) => {
+        const s = op.sector + i;
+        latest[s] = t;
+        if (op.fua) {
+          durable[s] = t;
+          since[s]!.clear();
+        } else since[s]!.add(t);
+      });
+    } else if (op.k === 'read') {
+      const n = Math.min(op.count, SECTORS - op.sector);
+      const buf = Buffer.alloc(n * SECTOR);
+      await vol.read(op.sector * SECTOR, buf);
+      for (let i = 0; i < n; i++) expect(tagOf(buf, i * SECTOR), `sector ${op.sector + i}`).toBe(latest[op.sector + i]);
+    } else if (op.k === 'flush') {
+      await vol.flush();
+      for (let s = 0; s < SECTORS; s++) {
+        durable[s] = latest[s]!;
+        since[s]!.clear();
+      }
+    } else if (op.k === 'mode') {
+      await vol.setMode(op.mode);
+      mode = op.mode;
+    } else if (op.k === 'pause') {
+      await new Promise((r) => setTimeout(r, 8));
+    } else {
+      kill.dead = true;
+      dev = await dev.crash(lcg(op.seed));
+      ({ vol, kill } = await open());
+      const all = Buffer.alloc(SIZE);
+      await vol.read(0, all);
+      for (let s = 0; s < SECTORS; s++) {
+        const got = tagOf(all, s * SECTOR);
+        const ok = got === durable[s] || since[s]!.has(got);
+        expect(ok, `sector ${s} after crash: got ${got}, durable ${durable[s]}, since ${[...since[s]!]}`).toBe(true);
+        durable[s] = got;
+        latest[s] = got;
+        since[s]!.clear();
+      }
+    }
+  }
+  await vol.drain();
+  const viaCache = Buffer.alloc(SIZE);
+  await vol.read(0, viaCache);
+  const onBacking = Buffer.alloc(SIZE);
+  await backing.read(0, onBacking);
+  for (let s = 0; s < SECTORS; s++) expect(tagOf(onBacking, s * SECTOR), `backing sector ${s}`).toBe(tagOf(viaCache, s * SECTOR));
+  await vol.close();
+}
 
 describe('CacheVolume crash model', () => {
   it('every write acknowledged before the last completed flush survives random crashes', async () => {
