@@ -250,20 +250,29 @@ export class CacheVolume implements Volume {
   async read(offset: number, buf: Buffer): Promise<void> {
     this.foreground++;
     try {
-      if (!this.cached('read')) {
-        if (this.unreadable.size) this.checkUnreadable(offset, buf.length);
-        return await this.backing.read(offset, buf);
-      }
-      await this.forLines(offset, buf.length, (line, at, pos, len) => this.readLine(line, at, buf.subarray(pos, pos + len)));
-      this.readahead(offset, buf.length);
+      await this.orDegrade(async () => {
+        if (!this.cached('read')) {
+          if (this.unreadable.size) this.checkUnreadable(offset, buf.length);
+          return this.backing.read(offset, buf);
+        }
+        await this.forLines(offset, buf.length, (line, at, pos, len) => this.readLine(line, at, buf.subarray(pos, pos + len)));
+        this.readahead(offset, buf.length);
+      });
+    } finally {
+      this.foreground--;
+    }
+  }
+
+  /** Runs `op`; when the cache device failed under it, degrades the disk and runs it again (now pass-through). */
+  private async orDegrade<T>(op: () => Promise<T>): Promise<T> {
+    try {
+      return await op();
     } catch (e) {
       if (this.device.failure && !this.degraded) {
         await this.degrade();
-        return this.read(offset, buf);
+        return op();
       }
       throw toVolumeError(e);
-    } finally {
-      this.foreground--;
     }
   }
 
@@ -424,68 +433,66 @@ export class CacheVolume implements Volume {
     if (this.backing.caps.readOnly) throw new VolumeError('EROFS', 'volume is read-only');
     this.foreground++;
     try {
-      const mode = this.cached('write') ? this.modeNow : 'pass-through';
-      if (mode !== 'write-back') {
-        const guards = mode === 'write-through' ? this.guardLines(offset, buf.length) : undefined;
-        try {
-          // Cached sectors this write changes are dropped durably first: after a crash the cache
-          // must not say "valid" for data the backing volume no longer has.
-          await this.invalidateRange(offset, buf.length, guards, true);
-          await this.backing.write(offset, buf, opts);
-          await this.afterBackingWrite(offset, buf, guards);
-        } finally {
-          if (guards) for (const line of guards.keys()) this.unguard(line);
-        }
-        if (opts?.fua && this.device.hasPending && !this.degraded) await this.device.commit();
-        return;
-      }
-      await this.dirtyGate();
-      await this.markDirty();
-      for (let attempt = 0; ; attempt++) {
-        const epoch = this.epoch;
-        this.inflight.set(epoch, (this.inflight.get(epoch) ?? 0) + 1);
-        let full = false;
-        try {
-          await this.forLines(offset, buf.length, async (line, at, pos, len) => {
-            if (!(await this.writeLineBack(line, at, buf.subarray(pos, pos + len), epoch))) full = true;
-          });
-        } finally {
-          const n = this.inflight.get(epoch)! - 1;
-          if (n === 0) this.inflight.delete(epoch);
-          else this.inflight.set(epoch, n);
-        }
-        if (!full) break;
-        if (attempt < 3) {
-          // No slot: wait for write-back to turn dirty lines clean (evictable), then try again
-          // (the lines this write already put in the cache are simply written again).
-          this.seal();
-          this.kick();
-          await this.waitWriteBack();
-          continue;
-        }
-        // Still no room: drain, then this write goes straight to the backing volume (the
-        // ordering holds: nothing older is dirty any more).
-        await this.drain();
-        await this.invalidateRange(offset, buf.length, undefined, true);
-        await this.backing.write(offset, buf, opts);
-        await this.afterBackingWrite(offset, buf);
-        return;
-      }
-      this.epochWrites++;
-      if (opts?.fua) {
-        this.seal();
-        await this.device.commit();
-      }
-      this.kick();
-    } catch (e) {
-      if (this.device.failure && !this.degraded) {
-        await this.degrade();
-        return this.write(offset, buf, opts);
-      }
-      throw toVolumeError(e);
+      await this.orDegrade(() => this.writeOnce(offset, buf, opts));
     } finally {
       this.foreground--;
     }
+  }
+
+  private async writeOnce(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    const mode = this.cached('write') ? this.modeNow : 'pass-through';
+    if (mode !== 'write-back') {
+      const guards = mode === 'write-through' ? this.guardLines(offset, buf.length) : undefined;
+      try {
+        // Cached sectors this write changes are dropped durably first: after a crash the cache
+        // must not say "valid" for data the backing volume no longer has.
+        await this.invalidateRange(offset, buf.length, guards, true);
+        await this.backing.write(offset, buf, opts);
+        await this.afterBackingWrite(offset, buf, guards);
+      } finally {
+        if (guards) for (const line of guards.keys()) this.unguard(line);
+      }
+      if (opts?.fua && this.device.hasPending && !this.degraded) await this.device.commit();
+      return;
+    }
+    await this.dirtyGate();
+    await this.markDirty();
+    for (let attempt = 0; ; attempt++) {
+      const epoch = this.epoch;
+      this.inflight.set(epoch, (this.inflight.get(epoch) ?? 0) + 1);
+      let full = false;
+      try {
+        await this.forLines(offset, buf.length, async (line, at, pos, len) => {
+          if (!(await this.writeLineBack(line, at, buf.subarray(pos, pos + len), epoch))) full = true;
+        });
+      } finally {
+        const n = this.inflight.get(epoch)! - 1;
+        if (n === 0) this.inflight.delete(epoch);
+        else this.inflight.set(epoch, n);
+      }
+      if (!full) break;
+      if (attempt < 3) {
+        // No slot: wait for write-back to turn dirty lines clean (evictable), then try again
+        // (the lines this write already put in the cache are simply written again).
+        this.seal();
+        this.kick();
+        await this.waitWriteBack();
+        continue;
+      }
+      // Still no room: drain, then this write goes straight to the backing volume (the
+      // ordering holds: nothing older is dirty any more).
+      await this.drain();
+      await this.invalidateRange(offset, buf.length, undefined, true);
+      await this.backing.write(offset, buf, opts);
+      await this.afterBackingWrite(offset, buf);
+      return;
+    }
+    this.epochWrites++;
+    if (opts?.fua) {
+      this.seal();
+      await this.device.commit();
+    }
+    this.kick();
   }
 
   /** One line's part of a write-back write; false when no slot could be had. */
@@ -621,8 +628,8 @@ export class CacheVolume implements Volume {
 
   // ------------------------------------------------------------------------------ flush, trim, zero
 
-  async flush(): Promise<void> {
-    try {
+  flush(): Promise<void> {
+    return this.orDegrade(async () => {
       if (!this.cached('flush') || this.modeNow !== 'write-back') {
         await this.backing.flush();
         if (!this.degraded && !this.device.failure && this.device.hasPending) await this.device.commit();
@@ -631,13 +638,7 @@ export class CacheVolume implements Volume {
       this.seal();
       await this.device.commit();
       this.kick();
-    } catch (e) {
-      if (this.device.failure && !this.degraded) {
-        await this.degrade();
-        return this.flush();
-      }
-      throw toVolumeError(e);
-    }
+    });
   }
 
   async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
@@ -655,16 +656,12 @@ export class CacheVolume implements Volume {
   private async zeroLike(offset: number, length: number, op: () => Promise<void>): Promise<void> {
     this.foreground++;
     try {
-      if (this.cached('write') && this.dirtyBytes > 0) await this.drain();
-      await this.invalidateRange(offset, length, undefined, true);
-      await op();
-      await this.invalidateRange(offset, length);
-    } catch (e) {
-      if (this.device.failure && !this.degraded) {
-        await this.degrade();
-        return this.zeroLike(offset, length, op);
-      }
-      throw toVolumeError(e);
+      await this.orDegrade(async () => {
+        if (this.cached('write') && this.dirtyBytes > 0) await this.drain();
+        await this.invalidateRange(offset, length, undefined, true);
+        await op();
+        await this.invalidateRange(offset, length);
+      });
     } finally {
       this.foreground--;
     }
