@@ -6,6 +6,7 @@
 import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { call, getText } from '../../lib/cli/client.js';
 import { NbdClientConnection } from '../../lib/nbd/client.js';
 import { silentLogger } from '../../lib/log.js';
 import { startVstoreDaemon, VSTORE_BIN } from '../helpers/nbd-server.js';
@@ -45,7 +46,7 @@ describe('vstore cache (CLI and control API)', () => {
     const status = (await cli('status')).stdout;
     expect(status).toMatch(/CACHE\s+MODE\s+HIT%/);
     expect(status).toMatch(/vm\/d0\s+write-through/);
-    const metrics = (await run('curl', ['-s', '--unix-socket', control, 'http://vstore/metrics'])).stdout;
+    const metrics = await getText(control, '/metrics');
     expect(metrics).toMatch(/vstore_cache_hit_ratio\{vm="vm",disk="d0"\} [0-9.]+/);
     expect(metrics).toMatch(/vstore_cache_mode\{vm="vm",disk="d0",mode="write-through"\} 1/);
 

@@ -9,6 +9,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { call, getText } from '../../lib/cli/client.js';
 import { NbdClientConnection } from '../../lib/nbd/client.js';
 import { silentLogger } from '../../lib/log.js';
 import { VSTORE_BIN } from '../helpers/nbd-server.js';
@@ -85,8 +86,8 @@ describe('cache device faults (nbdkit error filter under a real vstore serve)', 
     for (let i = 0; i < 256; i++) await write(i, 1);
     await c.flush();
     await Promise.all(Array.from({ length: 172 }, (_, k) => write(128 + k, 2))); // not flushed, still dirty
-    // (curl, not the CLI: a node start-up would give write-back the time to finish)
-    const before = JSON.parse((await run('curl', ['-s', '--unix-socket', control, 'http://vstore/v1/vms/vm/disks/d0/cache'])).stdout) as { dirtyBytes: number; degraded: boolean };
+    // (in-process, not the CLI: a node start-up would give write-back the time to finish)
+    const before = JSON.parse(JSON.stringify(await call(control, 'GET', '/v1/vms/vm/disks/d0/cache'))) as { dirtyBytes: number; degraded: boolean };
     expect(before.degraded).toBe(false);
     expect(before.dirtyBytes).toBeGreaterThan(0);
 
@@ -101,8 +102,8 @@ describe('cache device faults (nbdkit error filter under a real vstore serve)', 
     expect(stats.lostBytes).toBe(0);
     const status = (await run(process.execPath, [VSTORE_BIN, 'status', '--control', control])).stdout;
     expect(status).toMatch(/vm\/d0\s+pass-through.*DEGRADED/);
-    const metrics = await run('curl', ['-s', '--unix-socket', control, 'http://vstore/metrics']);
-    expect(metrics.stdout).toMatch(/vstore_cache_degraded\{vm="vm",disk="d0"\} 1/);
+    const metrics = await getText(control, '/metrics');
+    expect(metrics).toMatch(/vstore_cache_degraded\{vm="vm",disk="d0"\} 1/);
     const failLines = log.split('\n').filter((l) => l.includes('disk degraded to pass-through'));
     expect(failLines.length).toBe(1);
 
