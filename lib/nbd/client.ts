@@ -22,6 +22,7 @@ import type { Extent } from '../block/volume.js';
 import type { Logger } from '../log.js';
 import { formatAddress, parseAddress, type SocketAddress } from '../net/address.js';
 import * as codec from './codec.js';
+import { ChunkQueue } from './chunks.js';
 import * as C from './constants.js';
 
 // ------------------------------------------------------------------------------------ addresses
@@ -93,77 +94,6 @@ export function volumeErrorFromNbd(err: number, message?: string): VolumeError {
     default: code = 'EIO';
   }
   return new VolumeError(code, `nbd server: ${message ? message : `error ${err}`}`);
-}
-
-// ------------------------------------------------------------------------------------ receive queue
-
-/** Received bytes not yet parsed, kept as the socket's own chunks. */
-class RecvQueue {
-  private chunks: Buffer[] = [];
-  private head = 0;
-  private pos = 0;
-  length = 0;
-
-  push(b: Buffer): void {
-    if (b.length === 0) return;
-    this.chunks.push(b);
-    this.length += b.length;
-  }
-
-  /** The first n bytes (a view of one chunk when possible, else a copy); requires length >= n. */
-  peek(n: number): Buffer {
-    const first = this.chunks[this.head]!;
-    if (first.length - this.pos >= n) return first.subarray(this.pos, this.pos + n);
-    const out = Buffer.allocUnsafe(n);
-    let done = 0;
-    let i = this.head;
-    let p = this.pos;
-    while (done < n) {
-      const c = this.chunks[i]!;
-      const k = Math.min(c.length - p, n - done);
-      c.copy(out, done, p, p + k);
-      done += k;
-      i++;
-      p = 0;
-    }
-    return out;
-  }
-
-  skip(n: number): void {
-    this.length -= n;
-    while (n > 0) {
-      const c = this.chunks[this.head]!;
-      const left = c.length - this.pos;
-      if (n < left) {
-        this.pos += n;
-        return;
-      }
-      n -= left;
-      this.chunks[this.head] = undefined as unknown as Buffer;
-      this.head++;
-      this.pos = 0;
-    }
-    if (this.head === this.chunks.length) {
-      this.chunks = [];
-      this.head = 0;
-    } else if (this.head > 64) {
-      this.chunks = this.chunks.slice(this.head);
-      this.head = 0;
-    }
-  }
-
-  /** Moves up to n bytes into target[off...] (or drops them when target is null); returns how many. */
-  drainInto(target: Buffer | null, off: number, n: number): number {
-    let done = 0;
-    while (done < n && this.length > 0) {
-      const c = this.chunks[this.head]!;
-      const k = Math.min(c.length - this.pos, n - done);
-      if (target) c.copy(target, off + done, this.pos, this.pos + k);
-      done += k;
-      this.skip(k);
-    }
-    return done;
-  }
 }
 
 // ------------------------------------------------------------------------------------ types
@@ -267,7 +197,7 @@ export class NbdClientConnection extends EventEmitter {
   readonly address: string;
   private readonly socket: net.Socket;
   private readonly log: Logger;
-  private readonly q: RecvQueue;
+  private readonly q: ChunkQueue;
   private phase: Phase = 'ready';
   private rx: RxState = { s: 'header' };
   private readonly inflight = new Map<number, Req>();
@@ -283,7 +213,7 @@ export class NbdClientConnection extends EventEmitter {
   private idleWaiters: Array<() => void> = [];
 
   private constructor(
-    socket: net.Socket, q: RecvQueue, info: NbdExportInfo, address: string, log: Logger,
+    socket: net.Socket, q: ChunkQueue, info: NbdExportInfo, address: string, log: Logger,
     o: { timeoutMs: number; maxInflight: number; maxQueued: number },
   ) {
     super();
@@ -571,24 +501,24 @@ export class NbdClientConnection extends EventEmitter {
       const st = this.rx;
       switch (st.s) {
         case 'header': {
-          if (q.length < 4) return;
-          const magic = q.peek(4).readUInt32BE(0);
+          if (!q.peek(4)) return;
+          const magic = q.pb.readUInt32BE(q.po);
           if (magic === C.SIMPLE_REPLY_MAGIC) {
-            if (q.length < C.SIMPLE_REPLY_SIZE) return;
-            const h = q.peek(C.SIMPLE_REPLY_SIZE);
-            const error = h.readUInt32BE(4);
-            const hi = h.readUInt32BE(8);
-            const lo = h.readUInt32BE(12);
+            if (!q.peek(C.SIMPLE_REPLY_SIZE)) return;
+            const { pb: h, po } = q;
+            const error = h.readUInt32BE(po + 4);
+            const hi = h.readUInt32BE(po + 8);
+            const lo = h.readUInt32BE(po + 12);
             q.skip(C.SIMPLE_REPLY_SIZE);
             this.onSimpleReply(error, hi, lo);
           } else if (magic === C.STRUCTURED_REPLY_MAGIC) {
-            if (q.length < C.STRUCTURED_REPLY_HEADER_SIZE) return;
-            const h = q.peek(C.STRUCTURED_REPLY_HEADER_SIZE);
-            const flags = h.readUInt16BE(4);
-            const type = h.readUInt16BE(6);
-            const hi = h.readUInt32BE(8);
-            const lo = h.readUInt32BE(12);
-            const length = h.readUInt32BE(16);
+            if (!q.peek(C.STRUCTURED_REPLY_HEADER_SIZE)) return;
+            const { pb: h, po } = q;
+            const flags = h.readUInt16BE(po + 4);
+            const type = h.readUInt16BE(po + 6);
+            const hi = h.readUInt32BE(po + 8);
+            const lo = h.readUInt32BE(po + 12);
+            const length = h.readUInt32BE(po + 16);
             q.skip(C.STRUCTURED_REPLY_HEADER_SIZE);
             this.onChunkHeader(flags, type, hi, lo, length);
           } else {
@@ -606,8 +536,8 @@ export class NbdClientConnection extends EventEmitter {
           break;
         }
         case 'data-offset': {
-          if (q.length < 8) return;
-          const off = codec.readU64(q.peek(8), 0);
+          if (!q.peek(8)) return;
+          const off = codec.readU64(q.pb, q.po);
           q.skip(8);
           const req = st.req;
           const dataLen = st.length - 8;
@@ -629,9 +559,8 @@ export class NbdClientConnection extends EventEmitter {
           break;
         }
         case 'chunk': {
-          if (q.length < st.length) return;
-          const p = st.length === 0 ? Buffer.alloc(0) : q.peek(st.length);
-          q.skip(st.length);
+          const p = q.take(st.length);
+          if (!p) return;
           this.rx = { s: 'header' };
           this.onChunkPayload(st.req, st.flags, st.type, p);
           break;
@@ -823,7 +752,7 @@ export class NbdClientConnection extends EventEmitter {
 /** The negotiation phase, as a sequence of awaited reads over one socket. */
 class Handshake {
   private socket: net.Socket | null = null;
-  private readonly q = new RecvQueue();
+  private readonly q = new ChunkQueue();
   private waiter: (() => void) | null = null;
   private failure: VolumeError | null = null;
 
@@ -835,7 +764,7 @@ class Handshake {
     private readonly log: Logger,
   ) {}
 
-  async run(timeoutMs: number): Promise<{ socket: net.Socket; q: RecvQueue; info: NbdExportInfo }> {
+  async run(timeoutMs: number): Promise<{ socket: net.Socket; q: ChunkQueue; info: NbdExportInfo }> {
     const timer = setTimeout(() => this.abort(new VolumeError('ETIMEDOUT', `nbd ${this.addr}: connect and handshake did not finish in ${timeoutMs} ms`)), timeoutMs);
     try {
       await this.connect();
@@ -903,9 +832,8 @@ class Handshake {
 
   private async take(n: number): Promise<Buffer> {
     await this.need(n);
-    const b = Buffer.from(this.q.peek(n));
-    this.q.skip(n);
-    return b;
+    // A copy: the view take() may return is of a socket chunk the queue lets go of.
+    return Buffer.from(this.q.take(n)!);
   }
 
   private bad(reason: string): VolumeError {
