@@ -11,13 +11,14 @@
  * fio's final fsync, and `fio --verify_only` checks the region through the restarted daemon and
  * then on the backing file after write-back.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { NbdClientConnection } from '../../lib/nbd/client.js';
 import { silentLogger } from '../../lib/log.js';
+import { spawnProc } from '../helpers/cluster.js';
 import { VSTORE_BIN } from '../helpers/nbd-server.js';
 import { requireCommands, run } from '../helpers/run.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -25,11 +26,6 @@ import { tempDir } from '../helpers/tmp.js';
 const BS = 4096;
 const DISK = 32 * 1024 * 1024;
 const BLOCKS = 1024; // the region the writer uses (4 MiB)
-const children = new Set<ChildProcess>();
-afterAll(() => {
-  for (const c of children) c.kill('SIGKILL');
-});
-
 interface Serve {
   child: ChildProcess;
   log: () => string;
@@ -40,26 +36,9 @@ async function serve(cfgFile: string, sock: string, control: string): Promise<Se
   // A killed daemon leaves its sockets behind: readiness is their coming back.
   rmSync(sock, { force: true });
   rmSync(control, { force: true });
-  const child = spawn(process.execPath, [VSTORE_BIN, 'serve', '-c', cfgFile, '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(child);
-  let out = '';
-  child.stdout!.on('data', (b: Buffer) => (out += b.toString()));
-  child.stderr!.on('data', (b: Buffer) => (out += b.toString()));
-  let done = false;
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    child.on('exit', (code, signal) => {
-      done = true;
-      children.delete(child);
-      resolve({ code, signal });
-    }),
-  );
-  const deadline = Date.now() + 30_000;
-  while (!(existsSync(sock) && existsSync(control))) {
-    if (done) throw new Error(`vstore serve exited before it was ready:\n${out}`);
-    if (Date.now() > deadline) throw new Error(`vstore serve not ready after 30 s:\n${out}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  return { child, log: () => out, exited };
+  const p = await spawnProc(process.execPath, [VSTORE_BIN, 'serve', '-c', cfgFile, '--log-level', 'info'], () => existsSync(sock) && existsSync(control), 30_000);
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => p.child.once('exit', (code, signal) => resolve({ code, signal })));
+  return { child: p.child, log: p.log, exited };
 }
 
 function setup(seed: number): { dir: string; cfgFile: string; sock: string; control: string; image: string } {
