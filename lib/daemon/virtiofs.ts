@@ -18,9 +18,8 @@
  * share one allocation. An adopted share gets the layer unbound and `bindQos` binds it.
  */
 import type { ShareConfig } from '../config/shares.js';
-import { IdMapFileTree } from '../fs/idmap.js';
+import { checkIdMap } from '../fs/idmap.js';
 import { LocalFileTree } from '../fs/local.js';
-import { ReadOnlyFileTree } from '../fs/readonly.js';
 import { StableIdFileTree, type StableSnapshot } from '../fs/stable.js';
 import type { FileTree } from '../fs/tree.js';
 import { FuseEngine, type Negotiated } from '../fuse/engine.js';
@@ -126,9 +125,10 @@ export function shareSource(s: ShareConfig): string {
 async function openTree(vm: string, s: ShareConfig, deps: ShareDeps): Promise<{ tree: FileTree; node?: string }> {
   const log = deps.logger;
   if (s.dir !== undefined) {
-    let tree: FileTree = await LocalFileTree.open(s.dir, { readOnly: s.readOnly });
-    if (s.uidMap || s.gidMap) tree = new IdMapFileTree(tree, s.uidMap ?? [], s.gidMap ?? []);
-    if (s.readOnly) tree = new ReadOnlyFileTree(tree);
+    // The local tree maps ids and refuses changes itself: no IdMap/ReadOnly layers on top.
+    checkIdMap(s.uidMap ?? [], 'uidMap');
+    checkIdMap(s.gidMap ?? [], 'gidMap');
+    const tree = await LocalFileTree.open(s.dir, { readOnly: s.readOnly, ...(s.uidMap ? { uidMap: s.uidMap } : {}), ...(s.gidMap ? { gidMap: s.gidMap } : {}) });
     return { tree };
   }
   if (!deps.resolver) throw new Error(`share ${vm}/${s.tag}: path ${s.path} needs a resolver (top-level resolver)`);
