@@ -378,10 +378,19 @@ export class VmRegistry {
     if (this.closed) throw new RegistryError(503, 'the daemon is shutting down');
   }
 
-  /** Two disks never share a socket (the schema checks within one request; this across the daemon). */
-  private checkSockets(disks: DiskConfig[], where: (j: number) => string): void {
+  /** Every socket the daemon serves now (disks and shares), with its owner for the error message. */
+  private socketsInUse(): Map<string, string> {
     const inUse = new Map<string, string>();
-    for (const vm of this.vms.values()) for (const d of vm.disks.values()) for (const s of diskSockets(d.config)) inUse.set(s.socket, `${vm.name}/${d.config.name}`);
+    for (const vm of this.vms.values()) {
+      for (const d of vm.disks.values()) for (const s of diskSockets(d.config)) inUse.set(s.socket, `${vm.name}/${d.config.name}`);
+      for (const sh of vm.shares.values()) inUse.set(sh.config.socket, `${vm.name} share ${sh.config.tag}`);
+    }
+    return inUse;
+  }
+
+  /** Two disks or shares never share a socket (the schema checks within one request; this across the daemon). */
+  private checkSockets(disks: DiskConfig[], where: (j: number) => string): void {
+    const inUse = this.socketsInUse();
     disks.forEach((d, j) => {
       for (const { field, socket } of diskSockets(d)) {
         const owner = inUse.get(socket);
@@ -488,11 +497,7 @@ export class VmRegistry {
 
   /** Two shares (or a share and a disk) never share a socket. */
   private checkShareSockets(shares: ShareConfig[]): void {
-    const inUse = new Map<string, string>();
-    for (const vm of this.vms.values()) {
-      for (const d of vm.disks.values()) for (const s of diskSockets(d.config)) inUse.set(s.socket, `${vm.name}/${d.config.name}`);
-      for (const sh of vm.shares.values()) inUse.set(sh.config.socket, `${vm.name} share ${sh.config.tag}`);
-    }
+    const inUse = this.socketsInUse();
     shares.forEach((sh, j) => {
       const owner = inUse.get(sh.socket);
       if (owner) throw new RegistryError(409, `shares[${j}].socket: socket ${sh.socket} is already used by ${owner}`);
