@@ -607,32 +607,29 @@ export function checkResolved(
   taken = new Set<string>(),
   sharePrefixOf: (vm: number) => string = (i) => `vms[${i}].shares`,
 ): string[] {
+  // Every socket of the request, in order: each disk's NBD and vhost-user sockets, then each share's.
+  const entries: Array<{ where: string; field: string; socket: string; owner: string; takenBy: string }> = [];
+  vms.forEach((vm, i) => {
+    vm.disks.forEach((d, j) =>
+      diskSockets(d).forEach(({ field, socket }) =>
+        entries.push({ where: `${prefixOf(i, j)}.${field}`, field, socket, owner: `${vm.name}/${d.name}${field === 'nbd.socket' ? '' : ` (${field})`}`, takenBy: ' by another disk' }),
+      ),
+    );
+  });
+  vms.forEach((vm, i) =>
+    vm.shares.forEach((sh, j) => entries.push({ where: `${sharePrefixOf(i)}[${j}].socket`, field: 'socket', socket: sh.socket, owner: `${vm.name} share ${sh.tag}`, takenBy: '' })),
+  );
   const problems: string[] = [];
   const used = new Map<string, string>();
-  vms.forEach((vm, i) =>
-    vm.disks.forEach((d, j) =>
-      diskSockets(d).forEach(({ field, socket }) => {
-        const where = `${prefixOf(i, j)}.${field}`;
-        if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
-          problems.push(`${where}: socket path ${socket} is longer than ${MAX_SOCKET_PATH} bytes (set ${field} or a shorter runDir)`);
-        }
-        const other = used.get(socket);
-        if (other) problems.push(`${where}: socket ${socket} is also used by ${other}`);
-        else if (taken.has(socket)) problems.push(`${where}: socket ${socket} is already in use by another disk`);
-        used.set(socket, `${vm.name}/${d.name}${field === 'nbd.socket' ? '' : ` (${field})`}`);
-      }),
-    ),
-  );
-  vms.forEach((vm, i) =>
-    vm.shares.forEach((sh) => {
-      const where = `${sharePrefixOf(i)}[${vm.shares.indexOf(sh)}].socket`;
-      if (Buffer.byteLength(sh.socket) > MAX_SOCKET_PATH) problems.push(`${where}: socket path ${sh.socket} is longer than ${MAX_SOCKET_PATH} bytes (set socket or a shorter runDir)`);
-      const other = used.get(sh.socket);
-      if (other) problems.push(`${where}: socket ${sh.socket} is also used by ${other}`);
-      else if (taken.has(sh.socket)) problems.push(`${where}: socket ${sh.socket} is already in use`);
-      used.set(sh.socket, `${vm.name} share ${sh.tag}`);
-    }),
-  );
+  for (const { where, field, socket, owner, takenBy } of entries) {
+    if (Buffer.byteLength(socket) > MAX_SOCKET_PATH) {
+      problems.push(`${where}: socket path ${socket} is longer than ${MAX_SOCKET_PATH} bytes (set ${field} or a shorter runDir)`);
+    }
+    const other = used.get(socket);
+    if (other) problems.push(`${where}: socket ${socket} is also used by ${other}`);
+    else if (taken.has(socket)) problems.push(`${where}: socket ${socket} is already in use${takenBy}`);
+    used.set(socket, owner);
+  }
   return problems;
 }
 
