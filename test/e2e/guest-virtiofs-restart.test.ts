@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { spawnProc, startDaemonWith, startResolverService, startStorageNode, type Proc } from '../helpers/cluster.js';
-import { runGuest } from '../helpers/guest.js';
+import { runGuest, virtiofsArgs } from '../helpers/guest.js';
 import { VSTORE_BIN } from '../helpers/nbd-server.js';
 import { requireCommands } from '../helpers/run.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -20,14 +20,6 @@ import { tempDir } from '../helpers/tmp.js';
 const MEM_MIB = 512;
 
 beforeAll(() => requireCommands('qemu-system-x86_64'));
-
-function fsArgs(shares: Array<{ socket: string; tag: string }>): string[] {
-  return [
-    '-object', `memory-backend-memfd,id=mem,size=${MEM_MIB}M,share=on`,
-    '-numa', 'node,memdev=mem',
-    ...shares.flatMap((s, i) => ['-chardev', `socket,id=fs${i},path=${s.socket}`, '-device', `vhost-user-fs-pci,chardev=fs${i},tag=${s.tag}`]),
-  ];
-}
 
 // Runs until the host creates /mnt/proj/stop (after the takeover) or 4000 iterations.
 const SCRIPT = String.raw`
@@ -126,7 +118,7 @@ describe('a share survives a daemon restart (vstore serve --takeover under a wor
       const g = await runGuest({
         script: SCRIPT,
         memMiB: MEM_MIB,
-        qemuArgs: fsArgs(sockets),
+        qemuArgs: virtiofsArgs(MEM_MIB, sockets),
         timeoutMs: 240_000,
         onResult: (key, value) => {
           if (key === 'progress') lastProgress = Number(value);

@@ -13,7 +13,7 @@ import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, statSync,
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { startDaemonWith, startResolverService, startStorageNode, spawnProc } from '../helpers/cluster.js';
-import { runGuest, type GuestRunResult } from '../helpers/guest.js';
+import { runGuest, virtiofsArgs, type GuestRunResult } from '../helpers/guest.js';
 import { requireCommands } from '../helpers/run.js';
 import { tempDir } from '../helpers/tmp.js';
 
@@ -21,14 +21,6 @@ const MEM_MIB = 512;
 const VIRTIOFSD = '/usr/lib/qemu/virtiofsd';
 
 beforeAll(() => requireCommands('qemu-system-x86_64', 'getfattr', VIRTIOFSD));
-
-function fsArgs(shares: Array<{ socket: string; tag: string }>): string[] {
-  return [
-    '-object', `memory-backend-memfd,id=mem,size=${MEM_MIB}M,share=on`,
-    '-numa', 'node,memdev=mem',
-    ...shares.flatMap((s, i) => ['-chardev', `socket,id=fs${i},path=${s.socket}`, '-device', `vhost-user-fs-pci,chardev=fs${i},tag=${s.tag}`]),
-  ];
-}
 
 const WORK_SCRIPT = String.raw`
 mkdir -p /mnt/proj /mnt/ro
@@ -99,7 +91,7 @@ describe('guest with virtiofs shares served by the vstore daemon (QEMU TCG, vhos
       expect(st.vms[0]!.shares.map((s) => s.tag)).toEqual(['proj', 'ro']);
       expect(st.vms[0]!.shares[0]!.source).toBe('path /projects/alpha on n1');
       expect(st.vms[0]!.shares[1]!.mount).toBe('mkdir -p /mnt/ro && mount -t virtiofs ro -o ro /mnt/ro');
-      g = await runGuest({ script: WORK_SCRIPT, memMiB: MEM_MIB, qemuArgs: fsArgs(sockets), timeoutMs: 90_000 });
+      g = await runGuest({ script: WORK_SCRIPT, memMiB: MEM_MIB, qemuArgs: virtiofsArgs(MEM_MIB, sockets), timeoutMs: 90_000 });
       if (g.exitCode !== 0) throw new Error(`guest failed (exit ${g.exitCode}):\n${g.serial.slice(-5000)}`);
       const r = g.map;
       expect(r.get('done'), g.serial.slice(-3000)).toBe('1');
@@ -182,7 +174,7 @@ cd / && umount /mnt/s && echo "@@RESULT done 1"
     seed(a);
     const daemon = await startDaemonWith(path.join(dir, 'host'), { vms: [{ name: 'vm1', shares: [{ tag: 's', dir: a, target: '/mnt/s' }] }] });
     try {
-      const g = await runGuest({ script, memMiB: MEM_MIB, qemuArgs: fsArgs([{ socket: path.join(daemon.runDir, 'vm1-s.fs.sock'), tag: 's' }]) });
+      const g = await runGuest({ script, memMiB: MEM_MIB, qemuArgs: virtiofsArgs(MEM_MIB, [{ socket: path.join(daemon.runDir, 'vm1-s.fs.sock'), tag: 's' }]) });
       expect(g.map.get('done'), g.serial.slice(-3000)).toBe('1');
       outputs.vstore = g.results;
     } finally {
@@ -195,7 +187,7 @@ cd / && umount /mnt/s && echo "@@RESULT done 1"
     const sock = path.join(dir, 'virtiofsd.sock');
     const vfsd = await spawnProc(VIRTIOFSD, [`--socket-path=${sock}`, '-o', `source=${b}`, '-o', 'cache=auto', '-o', 'sandbox=chroot', '-f'], () => existsSync(sock));
     try {
-      const g = await runGuest({ script, memMiB: MEM_MIB, qemuArgs: fsArgs([{ socket: sock, tag: 's' }]) });
+      const g = await runGuest({ script, memMiB: MEM_MIB, qemuArgs: virtiofsArgs(MEM_MIB, [{ socket: sock, tag: 's' }]) });
       expect(g.map.get('done'), g.serial.slice(-3000)).toBe('1');
       outputs.virtiofsd = g.results;
     } finally {

@@ -119,3 +119,15 @@ export function cpioNewc(files: Array<{ name: string; data: Buffer; mode?: numbe
   entry('TRAILER!!!', Buffer.alloc(0), 0);
   return Buffer.concat(parts);
 }
+
+/**
+ * QEMU arguments for virtiofs shares: guest RAM as shared memfd (vhost-user needs it) and one
+ * vhost-user-fs-pci device per share.
+ */
+export function virtiofsArgs(memMiB: number, shares: Array<{ socket: string; tag: string }>): string[] {
+  return [
+    '-object', `memory-backend-memfd,id=mem,size=${memMiB}M,share=on`,
+    '-numa', 'node,memdev=mem',
+    ...shares.flatMap((s, i) => ['-chardev', `socket,id=fs${i},path=${s.socket}`, '-device', `vhost-user-fs-pci,chardev=fs${i},tag=${s.tag}`]),
+  ];
+}
