@@ -91,6 +91,10 @@ describe('guest with virtiofs shares served by the vstore daemon (QEMU TCG, vhos
       expect(st.vms[0]!.shares.map((s) => s.tag)).toEqual(['proj', 'ro']);
       expect(st.vms[0]!.shares[0]!.source).toBe('path /projects/alpha on n1');
       expect(st.vms[0]!.shares[1]!.mount).toBe('mkdir -p /mnt/ro && mount -t virtiofs ro -o ro /mnt/ro');
+      // `vstore serve` prints each share's mount command and the VM's QEMU arguments at startup
+      expect(daemon.log()).toContain('vstore: vm1 share proj: path /projects/alpha on n1 on ');
+      expect(daemon.log()).toContain('in the guest: mkdir -p /mnt/proj && mount -t virtiofs proj /mnt/proj');
+      expect(daemon.log()).toMatch(/vstore: vm1 QEMU arguments for its shares: -object memory-backend-memfd,id=mem,size=<RAM size>,share=on -numa node,memdev=mem -chardev socket,id=vstore-fs0,path=\S+vm1-proj\.fs\.sock -device vhost-user-fs-pci,chardev=vstore-fs0,tag=proj/);
       g = await runGuest({ script: WORK_SCRIPT, memMiB: MEM_MIB, qemuArgs: virtiofsArgs(MEM_MIB, sockets), timeoutMs: 90_000 });
       if (g.exitCode !== 0) throw new Error(`guest failed (exit ${g.exitCode}):\n${g.serial.slice(-5000)}`);
       const r = g.map;
