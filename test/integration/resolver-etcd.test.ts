@@ -3,6 +3,7 @@
  * leases, placement, racing placements, compare-and-set, watch, and etcd going away and coming back.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import * as net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -66,8 +67,32 @@ class Etcd {
     }
   }
 
-  signal(sig: NodeJS.Signals): void {
-    this.proc?.kill(sig);
+  /**
+   * Sends `sig`; for SIGSTOP, resolves only once every thread of etcd is stopped. A group stop
+   * reaches threads running on another CPU asynchronously: a request sent right after kill()
+   * could still be answered (it happened once in CI).
+   */
+  async signal(sig: NodeJS.Signals): Promise<void> {
+    const p = this.proc;
+    if (!p?.pid) return;
+    p.kill(sig);
+    if (sig !== 'SIGSTOP') return;
+    const tasks = `/proc/${p.pid}/task`;
+    const deadline = Date.now() + 2000;
+    const stopped = (): boolean =>
+      readdirSync(tasks).every((t) => {
+        let stat: string;
+        try {
+          stat = readFileSync(`${tasks}/${t}/stat`, 'utf8');
+        } catch {
+          return true; // the thread is gone
+        }
+        return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'T';
+      });
+    while (!stopped()) {
+      if (Date.now() > deadline) throw new Error('etcd did not stop within 2 s of SIGSTOP');
+      await new Promise((r) => setTimeout(r, 5));
+    }
   }
 
   async stop(sig: NodeJS.Signals = 'SIGTERM'): Promise<void> {
@@ -294,7 +319,7 @@ describe('EtcdStore on a real etcd', () => {
     watcher.watchName('vm1/disk0', (r) => seen.push(r));
     await new Promise((r) => setTimeout(r, 300));
 
-    etcd.signal('SIGSTOP');
+    await etcd.signal('SIGSTOP');
     try {
       for (const call of [() => s.getName('vm1/disk0'), () => s.listNodes(), () => s.placeName({ name: 'vm1/disk1', kind: 'volume', size: G, replicas: 1 })]) {
         const t0 = Date.now();
@@ -307,7 +332,7 @@ describe('EtcdStore on a real etcd', () => {
         expect(took).toBeLessThan(2500);
       }
     } finally {
-      etcd.signal('SIGCONT');
+      await etcd.signal('SIGCONT');
     }
     expect(await s.getName('vm1/disk0')).toEqual(record);
 
