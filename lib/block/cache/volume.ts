@@ -99,6 +99,8 @@ export interface CacheStats {
   dirtyBytes: number;
   maxDirtyBytes: number;
   writtenBackBytes: number;
+  /** Bytes the guest wrote through the cache layer (any mode): the capacity scheduler's activity measure. */
+  writtenBytes: number;
   /** Bytes per second written back over the last few seconds. */
   writeBackRate: number;
   evictions: number;
@@ -171,7 +173,7 @@ export class CacheVolume implements Volume {
   private readaheadUntil = 0;
   private readaheadBusy = false;
 
-  private readonly st = { readHit: 0, readMiss: 0, ramHit: 0, writtenBack: 0, evictions: 0, lost: 0 };
+  private readonly st = { readHit: 0, readMiss: 0, ramHit: 0, writtenBack: 0, evictions: 0, lost: 0, written: 0 };
   private readonly wbWindow: Array<[number, number]> = [];
   private flushProgress: { total: number } | undefined;
   private warmProgress: { total: number; done: number } | undefined;
@@ -431,6 +433,7 @@ export class CacheVolume implements Volume {
 
   async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
     if (this.backing.caps.readOnly) throw new VolumeError('EROFS', 'volume is read-only');
+    this.st.written += buf.length;
     this.foreground++;
     try {
       await this.orDegrade(() => this.writeOnce(offset, buf, opts));
@@ -1149,6 +1152,7 @@ export class CacheVolume implements Volume {
       dirtyBytes: this.dirtyBytes,
       maxDirtyBytes: this.maxDirty,
       writtenBackBytes: this.st.writtenBack,
+      writtenBytes: this.st.written,
       writeBackRate: wb / 5,
       evictions: this.st.evictions,
       usedBytes: this.meta.used * this.lineSize,
