@@ -42,6 +42,13 @@
  *   connection breaks (once per outage), 'up' when one is back. When the node's paths mark a
  *   path down (probes), this volume's connections on it are dropped, so that requests stuck on a
  *   blackholed path are retried elsewhere without waiting for their timeout.
+ * - Short-circuit local reads (shortcircuit.ts; HDFS's precedent): when the node is reached over
+ *   a unix socket P and offers `P.sc`, the volume asks it for a read-only descriptor of the
+ *   volume's file and serves reads with pread on it (page cache first, on the event loop) instead
+ *   of an NBD round trip; writes still go over NBD to the node, which writes the same file through
+ *   the page cache, so a read after an acknowledged write sees it. The descriptor is dropped when
+ *   the node ends its lease, when any NBD connection breaks (asked for again once connected), on
+ *   close(), and while the replicated layer says the replica is not in sync (setShortCircuit).
  * - Requests larger than the server accepts are split; writeZeroes is emulated by writes of
  *   zeroes when the server lacks WRITE_ZEROES; FUA is emulated by a flush when the server lacks
  *   SEND_FUA; unaligned requests on a server with a minimum block size are read-modify-written.
@@ -56,6 +63,7 @@ import { NodePaths } from '../paths/node-paths.js';
 import type { Path, PathChangeEvent, RequestKind } from '../paths/index.js';
 import { DEFAULT_PATH_POLICY, pathPolicy } from '../paths/policy.js';
 import type { Cursor } from '../paths/select.js';
+import { ShortCircuitReader } from './shortcircuit.js';
 
 export interface RemoteVolumeOptions {
   /** Replica id for logs and events, e.g. the node id. */
@@ -80,7 +88,19 @@ export interface RemoteVolumeOptions {
   vm?: string;
   /** High-priority VMs take the least-loaded path instead of their home. */
   priority?: 'normal' | 'high';
+  /** Short-circuit local reads when the node offers them (default true). */
+  shortCircuit?: boolean;
   logger: Logger;
+}
+
+/** Short-circuit state of a replica (status, metrics). */
+export interface ShortCircuitStatus {
+  /** A descriptor is held and used now. */
+  active: boolean;
+  /** Reads served from the descriptor so far. */
+  reads: number;
+  /** Descriptors received so far. */
+  grants: number;
 }
 
 export interface RemoteDownEvent {
@@ -135,6 +155,17 @@ export class RemoteVolume extends EventEmitter implements Volume {
   /** Requests retried on another path after their path failed. */
   failovers = 0;
   private keepalive: NodeJS.Timeout | null = null;
+  /** The node's short-circuit socket (`<unix nbd socket>.sc`), or null (TCP node, switched off). */
+  private readonly scSocket: string | null;
+  private sc: ShortCircuitReader | null = null;
+  private scAcquiring = false;
+  /** The replicated layer allows it (the replica is in sync). */
+  private scAllowed = true;
+  /** A descriptor was refused (ENOENT: a plain NBD server, no such socket): not asked again until reconnect. */
+  private scRefused = false;
+  /** Reads served by the short-circuit descriptor. */
+  shortCircuitReads = 0;
+  private scGrants = 0;
   private readonly onPathHealthy = (p: Path): void => {
     for (const s of this.slots) {
       if (s.path !== p || s.conn || s.connecting || !s.timer) continue;
@@ -191,6 +222,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     paths.acquire();
     paths.on('change', this.onPathChange);
     paths.on('healthy', this.onPathHealthy);
+    this.scSocket = opts.shortCircuit === false ? null : shortCircuitSocket(paths.paths.map((p) => p.address));
     this.attach(this.slots[0]!, first);
     const every = paths.policy.healthIntervalMs;
     if (every > 0) {
@@ -263,6 +295,9 @@ export class RemoteVolume extends EventEmitter implements Volume {
     conn.once('close', (reason: string, error: boolean) => {
       if (slot.conn !== conn) return;
       slot.conn = null;
+      // The node may be restarting or the volume changing: no local reads until connected again.
+      this.dropShortCircuit(`connection lost: ${reason}`);
+      this.scRefused = false;
       if (this.closed) return;
       if (error) slot.path.connectionLost(reason);
       this.log.warn({ slot: slot.index, path: slot.path.id, reason }, 'remote: connection lost');
@@ -277,6 +312,77 @@ export class RemoteVolume extends EventEmitter implements Volume {
       this.log.info({ address: conn.address }, 'remote: up again');
       this.emit('up', { id: this.id, address: conn.address } satisfies RemoteUpEvent);
     }
+    this.acquireShortCircuit();
+  }
+
+  // ------------------------------------------------------------------ short-circuit reads
+
+  /**
+   * The replicated layer's switch: short-circuit reads only while the replica is in sync (an
+   * out-of-sync replica's file lacks writes). false drops the descriptor at once.
+   */
+  setShortCircuit(allowed: boolean): void {
+    this.scAllowed = allowed;
+    if (!allowed) this.dropShortCircuit('replica not in sync');
+    else this.acquireShortCircuit();
+  }
+
+  shortCircuitStatus(): ShortCircuitStatus {
+    return { active: this.sc !== null, reads: this.shortCircuitReads, grants: this.scGrants };
+  }
+
+  /** Asks the node for a descriptor, in the background, when allowed and none is held. */
+  private acquireShortCircuit(): void {
+    if (this.scSocket === null || this.sc !== null || this.scAcquiring || !this.scAllowed || this.scRefused || this.closed || !this.up) return;
+    this.scAcquiring = true;
+    ShortCircuitReader.open({ socket: this.scSocket, volume: this.opts.export }).then(
+      (r) => {
+        this.scAcquiring = false;
+        // Checked again now: the replica may have left in-sync, or a connection broken, meanwhile.
+        if (this.closed || !this.scAllowed || !this.up || !r.usable || r.size < this.size) {
+          if (r.usable && r.size < this.size) this.log.warn({ size: r.size, want: this.size }, 'remote: short-circuit descriptor of a smaller file; not used');
+          r.invalidate('not wanted any more');
+          return;
+        }
+        this.sc = r;
+        this.scGrants++;
+        r.once('invalid', (why: string) => {
+          if (this.sc !== r) return;
+          this.sc = null;
+          this.log.info({ why }, 'remote: short-circuit reads stopped');
+          // The node ended the lease while connected (grow, re-create): ask again shortly.
+          const t = setTimeout(() => this.acquireShortCircuit(), 200);
+          t.unref();
+        });
+        this.log.info({ socket: this.scSocket, generation: r.generation }, 'remote: short-circuit reads from the local file');
+      },
+      (e: unknown) => {
+        this.scAcquiring = false;
+        const code = (e as VolumeError).code;
+        // A server without the socket (nbdkit, qemu-nbd, a node with it off) or that refuses: not again until reconnect.
+        this.scRefused = true;
+        this.log[code === 'ENOENT' ? 'debug' : 'info']({ err: (e as Error).message }, 'remote: no short-circuit reads; reading over NBD');
+      },
+    );
+  }
+
+  private dropShortCircuit(why: string): void {
+    const r = this.sc;
+    if (!r) return;
+    this.sc = null;
+    r.invalidate(why);
+    this.log.info({ why }, 'remote: short-circuit reads stopped');
+  }
+
+  /**
+   * A read served now from the page cache through the short-circuit descriptor (no promise):
+   * true when buf was filled. The replicated layer's fast path.
+   */
+  readLocal(offset: number, buf: Buffer): boolean {
+    const r = this.sc;
+    if (r === null || buf.length === 0 || offset + buf.length > this.size || !r.readSync(offset, buf)) return false;
+    this.shortCircuitReads++;
+    return true;
   }
 
   private schedule(slot: Slot): void {
@@ -413,6 +519,20 @@ export class RemoteVolume extends EventEmitter implements Volume {
 
   async read(offset: number, buf: Buffer): Promise<void> {
     if (buf.length === 0) return;
+    const r = this.sc;
+    if (r !== null && offset + buf.length <= this.size) {
+      if (r.readSync(offset, buf)) {
+        this.shortCircuitReads++;
+        return;
+      }
+      try {
+        await r.read(offset, buf);
+        this.shortCircuitReads++;
+        return;
+      } catch (e) {
+        this.log.debug({ err: (e as Error).message }, 'remote: short-circuit read failed; over NBD');
+      }
+    }
     const m = this.limits.minimum;
     if (m > 1 && (offset % m !== 0 || buf.length % m !== 0)) {
       const start = offset - (offset % m);
@@ -575,6 +695,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     this.nodePaths.off('change', this.onPathChange);
     this.nodePaths.off('healthy', this.onPathHealthy);
     if (this.keepalive) clearInterval(this.keepalive);
+    this.dropShortCircuit('closed');
     if (this.opts.vm !== undefined) this.nodePaths.releaseHome(this.opts.vm);
     this.nodePaths.release();
     for (const s of this.slots) {
@@ -597,6 +718,19 @@ export class RemoteVolume extends EventEmitter implements Volume {
     if (this.caps.fua) return { fua: true, emulate: false };
     return { fua: false, emulate: this.caps.flush };
   }
+}
+
+/** `<path>.sc` of the first unix-socket address (a node on this host), or null. */
+function shortCircuitSocket(addresses: string[]): string | null {
+  for (const a of addresses) {
+    try {
+      const t = parseNbdUri(a).address;
+      if ('unix' in t) return `${t.unix}.sc`;
+    } catch {
+      /* checked at open */
+    }
+  }
+  return null;
 }
 
 /** One connection over one path (its address, bound to its source address). */

@@ -74,6 +74,15 @@ export interface ReplicaVolume extends Volume {
   readonly up: boolean;
   on(event: 'up' | 'down', cb: () => void): unknown;
   off(event: 'up' | 'down', cb: () => void): unknown;
+  /**
+   * Optional (RemoteVolume's short-circuit reads): fills buf now, without a promise, from a local
+   * descriptor of the replica's file when the page cache holds the range; false when it cannot.
+   */
+  readLocal?(offset: number, buf: Buffer): boolean;
+  /** Optional: the replica is in sync (true) or not (false: local reads must stop at once). */
+  setShortCircuit?(allowed: boolean): void;
+  /** Optional: short-circuit state for status and metrics. */
+  shortCircuitStatus?(): { active: boolean; reads: number; grants: number } | undefined;
 }
 
 export interface ReplicatedVolumeOptions {
@@ -115,6 +124,8 @@ export interface ReplicaStatus {
   dirtyBytes: number;
   /** Present while a resync or rebuild copies. */
   resync: ResyncProgress | null;
+  /** Short-circuit local reads of this replica (when it can have them). */
+  shortCircuit?: { active: boolean; reads: number; grants: number };
 }
 
 /** Emitted as 'state' when a replica changes state, is added or dropped. */
@@ -164,6 +175,13 @@ interface InFlight {
 }
 
 type Outcome = { rep: Rep; ok: true } | { rep: Rep; ok: false; err: VolumeError };
+
+function noop(): void {}
+
+function shortCircuitOf(v: ReplicaVolume): { shortCircuit?: { active: boolean; reads: number; grants: number } } {
+  const s = v.shortCircuitStatus?.();
+  return s ? { shortCircuit: s } : {};
+}
 
 /** Errors worth retrying on another attempt (the replica may come back); others are final. */
 const TRANSIENT = new Set(['EIO', 'ESHUTDOWN', 'ETIMEDOUT', 'EAGAIN']);
@@ -267,13 +285,21 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
       this.log.error('no replica is in sync: the volume cannot serve I/O until one is');
     }
     for (const r of this.reps) if (!r.vol.up) this.armRebuild(r);
+    for (const r of this.reps) r.vol.setShortCircuit?.(r.state === 'in-sync');
     queueMicrotask(() => this.kickResyncs());
   }
 
   // ---- Volume ----
 
-  async read(offset: number, buf: Buffer): Promise<void> {
-    await this.fromOne((v) => v.read(offset, buf));
+  read(offset: number, buf: Buffer): Promise<void> {
+    // Fast path: the least-busy in-sync replica can fill buf now from its local file (short-
+    // circuit read from the page cache): no promise chain, no NBD round trip. Only in-sync
+    // replicas are picked (I4), and a replica leaving in-sync drops its descriptor (setState).
+    if (!this.closed) {
+      const r = this.pickSource();
+      if (r !== null && r.vol.readLocal !== undefined && r.vol.readLocal(offset, buf)) return Promise.resolve();
+    }
+    return this.fromOne((v) => v.read(offset, buf)).then(noop);
   }
 
   write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
@@ -378,6 +404,7 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
       up: r.vol.up,
       dirtyBytes: this.drl.has(r.id) ? this.drl.dirtyBytes(r.id) : 0,
       resync: r.sync ? { doneBytes: r.sync.doneBytes, totalBytes: r.sync.totalBytes, startedAt: r.sync.startedAt } : null,
+      ...shortCircuitOf(r.vol),
     };
   }
 
@@ -557,6 +584,8 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
 
   private setState(r: Rep, state: ReplicaState): void {
     r.state = state;
+    // Before anything else sees the new state: an out-of-sync replica's file lacks writes.
+    r.vol.setShortCircuit?.(state === 'in-sync');
     this.gen++;
     this.emit('state', { id: r.id, state } satisfies ReplicaStateEvent);
   }
@@ -678,6 +707,7 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
     };
     vol.on('up', r.onUp);
     vol.on('down', r.onDown);
+    vol.setShortCircuit?.(state === 'in-sync');
     return r;
   }
 

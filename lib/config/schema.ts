@@ -95,6 +95,12 @@ export const volumeDiskSchema = z.strictObject({
   rebuildAfterMs: msSchema.optional(),
   /** NBD connections per replica (used when the node advertises multi-conn); default 2. */
   connections: z.number().int().min(1).max(16).optional(),
+  /**
+   * Short-circuit local reads (HDFS's precedent): a replica whose node runs on this host (reached
+   * over a unix socket) is read with pread on a read-only descriptor the node hands over, instead
+   * of an NBD round trip. Default true (used when the node offers it); false turns it off.
+   */
+  shortCircuit: z.boolean().optional(),
 });
 
 /** Cache modes of a disk (lib/block/cache/volume.ts). */
@@ -374,6 +380,8 @@ export interface VolumeSpec {
   waitTimeoutMs: number;
   rebuildAfterMs: number;
   connections: number;
+  /** Short-circuit local reads of replicas on this host (default true). */
+  shortCircuit: boolean;
 }
 
 export interface DiskConfig {
@@ -538,6 +546,7 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
             waitTimeoutMs: v.waitTimeoutMs ?? 60_000,
             rebuildAfterMs: v.rebuildAfterMs ?? 600_000,
             connections: v.connections ?? 2,
+            shortCircuit: v.shortCircuit ?? true,
           },
         }
       : {}),

@@ -103,7 +103,11 @@ export interface ReplicationSource {
 
 export interface ReplicationStatus {
   name: string;
-  replicas: Array<{ id: string; state: string; up: boolean; dirtyBytes: number; resync?: { doneBytes: number; totalBytes: number } }>;
+  replicas: Array<{
+    id: string; state: string; up: boolean; dirtyBytes: number; resync?: { doneBytes: number; totalBytes: number };
+    /** Short-circuit local reads (a node on this host): descriptor held now, reads served by it. */
+    shortCircuit?: { active: boolean; reads: number; grants: number };
+  }>;
 }
 
 function suspendedOf(vols: Volume[]): { suspended?: SuspendStatus } {

@@ -54,6 +54,7 @@ class ServedReplicatedVolume extends ReplicatedVolume implements ReplicationSour
         up: r.up,
         dirtyBytes: r.dirtyBytes,
         ...(r.resync ? { resync: { doneBytes: r.resync.doneBytes, totalBytes: r.resync.totalBytes } } : {}),
+        ...(r.shortCircuit ? { shortCircuit: r.shortCircuit } : {}),
       })),
     };
   }
@@ -340,6 +341,7 @@ export class RemoteDisks {
       paths: this.paths.forNode(n.id, n.nbd),
       ...(vm !== undefined ? { vm } : {}),
       priority,
+      shortCircuit: spec.shortCircuit ?? true,
       logger: log.child({ replica: n.id }),
     };
     try {
@@ -359,6 +361,8 @@ export class RemoteDisks {
 export class PendingReplica extends EventEmitter implements ReplicaVolume {
   private inner: RemoteVolume | null = null;
   private closed = false;
+  /** The replicated layer's short-circuit switch, applied to the volume once connected. */
+  private scAllowed = true;
   private timer: NodeJS.Timeout | null = null;
   private delay = 200;
 
@@ -390,6 +394,7 @@ export class PendingReplica extends EventEmitter implements ReplicaVolume {
             return;
           }
           this.inner = v;
+          v.setShortCircuit(this.scAllowed);
           v.on('up', () => this.emit('up'));
           v.on('down', () => this.emit('down'));
           this.log.info({ replica: this.id }, 'replica reachable');
@@ -431,6 +436,16 @@ export class PendingReplica extends EventEmitter implements ReplicaVolume {
   }
   async read(offset: number, buf: Buffer): Promise<void> {
     return this.v.read(offset, buf);
+  }
+  readLocal(offset: number, buf: Buffer): boolean {
+    return this.inner?.readLocal(offset, buf) ?? false;
+  }
+  setShortCircuit(allowed: boolean): void {
+    this.scAllowed = allowed;
+    this.inner?.setShortCircuit(allowed);
+  }
+  shortCircuitStatus(): { active: boolean; reads: number; grants: number } | undefined {
+    return this.inner?.shortCircuitStatus();
   }
   async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
     return this.v.write(offset, buf, opts);

@@ -49,6 +49,8 @@ export interface NativeAddon {
    * full it waits up to `waitMs` (default 0) for room, then throws EAGAIN.
    */
   sendMsg(fd: number, buf: Uint8Array, fds?: number[], waitMs?: number): number;
+  /** SO_PEERCRED of a connected unix socket: [pid, uid, gid] of the peer (short-circuit reads check the uid). */
+  peerCred?(fd: number): [number, number, number];
   /** A non-blocking, close-on-exec eventfd. */
   eventfd(): number;
   /** Reads (and resets) an eventfd counter: 0 when it was already 0. */

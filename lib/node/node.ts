@@ -35,6 +35,7 @@ import { RpcServer, type RpcHandlers } from '../rpc/index.js';
 import { fsyncDir, VolumeStore, type VolumeInfo } from './volumes.js';
 import { NodeDirs, type OpenTree } from './dirs.js';
 import { LocalFileTree } from '../fs/local.js';
+import { ShortCircuitServer, shortCircuitSocketOf } from './shortcircuit.js';
 
 export const DEFAULT_LEASE_TTL_MS = 10_000;
 /** How long stop() waits for the resolver to take the deregistration. */
@@ -61,6 +62,11 @@ export interface StorageNodeOptions {
   engine?: FileEngine;
   /** How a share directory's FileTree is opened (default LocalFileTree confined to it). */
   openTree?: OpenTree;
+  /**
+   * Short-circuit local reads (shortcircuit.ts): next to every unix NBD socket P, a socket P.sc
+   * hands daemons of this host (same uid) a read-only descriptor of a volume. Default true.
+   */
+  shortCircuit?: boolean;
   logger: Logger;
 }
 
@@ -158,6 +164,8 @@ export class StorageNode {
   private readonly heartbeatMs: number;
   private readonly resolverTimeoutMs: number;
   private readonly exported = new Set<string>();
+  /** One per unix NBD listen address (short-circuit local reads). */
+  private readonly shortCircuit: ShortCircuitServer[] = [];
   /** Volume mutations and their export changes, one at a time. */
   private queue: Promise<unknown> = Promise.resolve();
   private timer: NodeJS.Timeout | undefined;
@@ -208,10 +216,12 @@ export class StorageNode {
         if ('unix' in a) {
           await prepareSocket(a.unix, 'nbd listen address');
           await node.nbdServer.listen({ unix: a.unix });
+          if (opts.shortCircuit ?? true) await node.listenShortCircuit(a.unix);
         } else await node.nbdServer.listen({ tcp: a });
       }
       for (const a of ctlAddrs) await node.rpc.listen(a);
     } catch (e) {
+      for (const sc of node?.shortCircuit ?? []) sc.close();
       if (node) await node.rpc.close().catch(() => {});
       if (node) await node.nbdServer.close().catch(() => {});
       await store.close().catch(() => {});
@@ -232,6 +242,36 @@ export class StorageNode {
   /** Bound control (RPC) addresses. */
   get controlAddresses(): string[] {
     return this.rpc.addresses;
+  }
+
+  /** Short-circuit sockets this node listens on (one per unix NBD address). */
+  get shortCircuitServers(): readonly ShortCircuitServer[] {
+    return this.shortCircuit;
+  }
+
+  private async listenShortCircuit(nbdSocket: string): Promise<void> {
+    try {
+      const sc = await ShortCircuitServer.listen({
+        path: shortCircuitSocketOf(nbdSocket),
+        logger: this.logger,
+        lookup: async (name) => {
+          if (!this.exported.has(name) || this.stopping) throw new VolumeError('ENOENT', `no volume ${name} exported here`);
+          const vol = await this.store.open(name);
+          // FileVolume keeps its descriptor private; read it only to check O_DIRECT (shortcircuit.ts).
+          const nodeFd = (vol as unknown as { fd?: unknown }).fd;
+          return { file: this.store.pathOf(name), size: vol.size, ...(typeof nodeFd === 'number' ? { nodeFd } : {}) };
+        },
+      });
+      this.shortCircuit.push(sc);
+    } catch (e) {
+      // Without the addon (or the socket) reads simply go over NBD.
+      this.logger.warn({ socket: nbdSocket, err: (e as Error).message }, 'node: short-circuit reads not offered');
+    }
+  }
+
+  /** Ends every daemon's short-circuit descriptor of `name` (before its file changes). */
+  private invalidateShortCircuit(name: string, why: string): void {
+    for (const sc of this.shortCircuit) sc.invalidate(name, why);
   }
 
   /** Names of the volumes exported now. */
@@ -279,7 +319,11 @@ export class StorageNode {
 
   /** Deletes a volume: EBUSY while clients are connected to it, unless `force`. */
   deleteVolume(name: string, opts: { force?: boolean } = {}): Promise<void> {
-    return this.serial(() => this.store.delete(name, opts));
+    return this.serial(async () => {
+      await this.store.delete(name, opts);
+      // After the unlink too: a descriptor granted while the delete ran must not outlive it.
+      this.invalidateShortCircuit(name, 'delete');
+    });
   }
 
   listVolumes(): Promise<VolumeInfo[]> {
@@ -312,6 +356,7 @@ export class StorageNode {
         this.logger.warn({ id: this.id, err: (e as Error).message }, 'node: deregistration failed (its lease will expire)');
       }
     }
+    for (const sc of this.shortCircuit) sc.close();
     await this.rpc.close();
     await this.dirs.close().catch((e: unknown) => this.logger.warn({ err: (e as Error).message }, 'node: closing the directories failed'));
     await this.queue.catch(() => {});
@@ -335,6 +380,9 @@ export class StorageNode {
 
   private async unexport(name: string): Promise<void> {
     if (!this.exported.delete(name)) return;
+    // Grow and delete unexport first (volumes.ts closeExported): every descriptor handed out is
+    // let go before the file changes size or goes away.
+    this.invalidateShortCircuit(name, 'unexport');
     await this.nbdServer.removeExport(name);
   }
 

@@ -129,6 +129,23 @@ Napi::Value UnixAccept(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
+// peerCred(fd): [pid, uid, gid] of the process at the other end of a connected unix socket
+// (SO_PEERCRED, as it was when that process connected). Short-circuit reads (lib/node/
+// shortcircuit.ts) hand a volume's descriptor only to a peer of the node's own uid.
+Napi::Value PeerCred(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return TypeErr(env, "expected (fd)");
+  struct ucred cred;
+  socklen_t len = sizeof(cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return Throw(env, errno, "getsockopt");
+  Napi::Array out = Napi::Array::New(env, 3);
+  out.Set(uint32_t(0), Napi::Number::New(env, cred.pid));
+  out.Set(uint32_t(1), Napi::Number::New(env, cred.uid));
+  out.Set(uint32_t(2), Napi::Number::New(env, cred.gid));
+  return out;
+}
+
 // recvMsg(fd, buf, fdsOut): recvmsg into buf (at most buf.length bytes). Returns the byte
 // count (0 at end of stream) or -1 when nothing is ready (EAGAIN). File descriptors that came
 // with the bytes (SCM_RIGHTS, received close-on-exec) are pushed onto the array fdsOut; the
@@ -499,6 +516,7 @@ void InitVhost(Napi::Env env, Napi::Object exports) {
   exports.Set("unixConnect", Napi::Function::New(env, UnixConnect, "unixConnect"));
   exports.Set("unixAccept", Napi::Function::New(env, UnixAccept, "unixAccept"));
   exports.Set("recvMsg", Napi::Function::New(env, RecvMsg, "recvMsg"));
+  exports.Set("peerCred", Napi::Function::New(env, PeerCred, "peerCred"));
   exports.Set("sendMsg", Napi::Function::New(env, SendMsg, "sendMsg"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
