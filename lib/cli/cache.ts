@@ -8,7 +8,8 @@ import type { Command } from 'commander';
 import { parseSize } from '../config/schema.js';
 import type { CacheStats } from '../block/cache/volume.js';
 import { call, controlOption } from './client.js';
-import { formatBytes, renderTable } from './status.js';
+import { formatBytes, renderBalloon, renderTable } from './status.js';
+import type { BalloonStatus } from '../block/cache/balloon.js';
 
 function diskPath(spec: string): string {
   const m = /^([^/]+)\/([^/]+)$/.exec(spec);
@@ -88,6 +89,7 @@ written back in flush order), write-through, write-around, pass-through.
 
 Examples:
   $ vstore cache stats
+  $ vstore cache balloon                    each VM's shares, target and allotment
   $ vstore cache flush vm1/disk0            write back every dirty byte (progress bar)
   $ vstore cache warm vm1/disk0 --range 0:1G
   $ vstore cache mode vm1/disk0 write-back
@@ -116,6 +118,16 @@ Examples:
       let out = `cache device (host ${all.host}): ${d.slots} lines of ${formatBytes(d.lineSize)}, ${d.freeSlots} free\n`;
       if (all.disks.length) out += renderCacheStats(all.disks.map((x) => ({ name: `${x.vm}/${x.disk}`, s: x.stats })));
       process.stdout.write(out);
+    });
+
+  cache
+    .command('balloon')
+    .summary("the capacity scheduler: each VM's shares, target and allotment")
+    .option('--json', 'print JSON (GET /v1/cache/balloon)', false)
+    .addOption(controlOption())
+    .action(async (opts: { control: string; json: boolean }) => {
+      const b = await call<BalloonStatus>(opts.control, 'GET', '/v1/cache/balloon');
+      process.stdout.write(opts.json ? JSON.stringify(b, null, 2) + '\n' : renderBalloon(b) || 'no ballooned VMs\n');
     });
 
   cache

@@ -1,6 +1,7 @@
 /** `vstore status`: the running daemon's VMs and disks, as a table or JSON. */
 import type { Command } from 'commander';
 import type { DaemonStatus } from '../daemon/control.js';
+import type { BalloonStatus } from '../block/cache/balloon.js';
 import { formatHostPort } from '../daemon/daemon.js';
 import { renderQosTable } from '../qos/metrics.js';
 import { call, controlOption } from './client.js';
@@ -78,7 +79,29 @@ export function renderCache(s: DaemonStatus): string {
   for (const { name, c } of disks) {
     rows.push([name, c.mode, (c.hitRatio * 100).toFixed(1), formatBytes(c.usedBytes), formatBytes(c.dirtyBytes), `${formatBytes(Math.round(c.writeBackRate))}/s`, String(c.evictions), c.degraded ? 'DEGRADED' : 'ok']);
   }
-  return `\ncache device ${s.cache.device} (host ${s.cache.host}): ${s.cache.slots} lines of ${formatBytes(s.cache.lineSize)}, ${s.cache.freeSlots} free\n` + renderTable(rows);
+  return `\ncache device ${s.cache.device} (host ${s.cache.host}): ${s.cache.slots} lines of ${formatBytes(s.cache.lineSize)}, ${s.cache.freeSlots} free\n` + renderTable(rows) + (s.cache.balloon ? renderBalloon(s.cache.balloon) : '');
+}
+
+/** The capacity scheduler's view per VM: shares, min/max, target, allotment (actual), used, hit ratio, activity. */
+export function renderBalloon(b: BalloonStatus): string {
+  if (b.vms.length === 0) return '';
+  const rows = [['VM', 'SHARES', 'MIN', 'MAX', 'TARGET', 'ALLOTMENT', 'USED', 'HIT%', 'ACTIVE%', 'IO/S', 'NOTE']];
+  for (const v of b.vms) {
+    rows.push([
+      v.vm,
+      String(v.shares),
+      v.minBytes !== undefined ? formatBytes(v.minBytes) : '-',
+      v.maxBytes !== undefined ? formatBytes(v.maxBytes) : '-',
+      formatBytes(v.targetBytes),
+      formatBytes(v.allotmentBytes),
+      formatBytes(v.usedBytes),
+      (v.hitRatio * 100).toFixed(1),
+      (v.activeFraction * 100).toFixed(0),
+      `${formatBytes(Math.round(v.activityBytesPerSec))}/s`,
+      v.draining ? 'writing back before shrinking' : '',
+    ]);
+  }
+  return `cache balloon: ${formatBytes(b.capacityBytes)} shared, rate ${formatBytes(b.rateBytesPerSec)}/s, every ${b.intervalMs} ms, idle tax ${b.idleTax}\n` + renderTable(rows);
 }
 
 /** The VMs' shared directories (virtiofs), when there are any. */
@@ -141,7 +164,7 @@ export function registerStatus(program: Command): void {
   program
     .command('status')
     .summary("show the running daemon's VMs, disks and counters")
-    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume; then suspended VMs and the paths to storage nodes (state, in flight, service time: EWMA and p50/p99 of the last second, counters, failovers)")
+    .description("show the running daemon's VMs and disks: size, mode, connections, in-flight requests, counters, socket, export, vhost-user-blk socket and counters (when a disk has one), replica states, dirty bytes and resync progress (for a replicated volume) and file or volume; the cache (per disk, and per VM the balloon scheduler's shares, target and allotment); then suspended VMs and the paths to storage nodes (state, in flight, service time: EWMA and p50/p99 of the last second, counters, failovers)")
     .addOption(controlOption())
     .option('--json', 'print the raw status object (GET /v1/status) as JSON', false)
     .addHelpText(

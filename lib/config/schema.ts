@@ -11,6 +11,7 @@ import { z } from 'zod';
 import { DEFAULT_PATH_POLICY, SELECTORS, type FailbackPolicy, type PathPolicy } from '../paths/policy.js';
 import { resolveShare, sharesSchema, type ShareConfig } from './shares.js';
 import { DEFAULT_HOST_QOS, QOS_PRIORITIES, type HostQosConfig, type QosSettings } from '../qos/settings.js';
+import { DEFAULT_BALLOON, type BalloonSettings, type VmCachePolicy } from '../block/cache/balloon.js';
 
 /** Longest unix socket path (sun_path is 108 bytes with the terminating NUL). */
 export const MAX_SOCKET_PATH = 107;
@@ -131,7 +132,34 @@ export const hostCacheSchema = z.strictObject({
   host: z.string().min(1).max(255).optional(),
   /** O_DIRECT on the cache device (default false: buffered, fdatasync at every commit). */
   direct: z.boolean().optional(),
+  /** The balloon-style capacity scheduler (lib/block/cache/balloon.ts): VMs' allotments follow their shares and use. */
+  balloon: z
+    .strictObject({
+      /** Default true. */
+      enabled: z.boolean().optional(),
+      /** Milliseconds between steps; default 1000. */
+      interval: z.number().int('expected an integer (milliseconds)').min(10, 'at least 10').max(3_600_000, 'at most 3600000').optional(),
+      /** Bytes per second a VM's allotment may move (`64M` is 64 MiB/s); default 64M. */
+      rate: sizeSchema.optional(),
+      /** 0..1: how much less space a VM does not use counts (VMware ESX's memory idle tax); default 0.5. */
+      idleTax: z.number().min(0, 'must be >= 0').max(1, 'must be <= 1').optional(),
+    })
+    .optional(),
 });
+
+/** A VM's share of the host's cache device (the balloon scheduler's input). */
+export const vmCacheSchema = z
+  .strictObject({
+    /** Relative share of the device; default 1. */
+    shares: z.number().positive('must be > 0').max(10000, 'at most 10000').optional(),
+    /** Least cache space the scheduler gives the VM. */
+    min: sizeSchema.optional(),
+    /** Most cache space the scheduler gives the VM. */
+    max: sizeSchema.optional(),
+  })
+  .superRefine((c, ctx) => {
+    if (c.min !== undefined && c.max !== undefined && c.min > c.max) ctx.addIssue({ code: 'custom', path: ['min'], message: `must not exceed max (${c.max})` });
+  });
 
 export const diskSchema = z.strictObject({
   name: nameSchema,
@@ -273,6 +301,8 @@ export const vmSchema = z.strictObject({
   pathPriority: z.enum(['normal', 'high']).optional(),
   /** Service level (lib/qos); default: no reservation, no limit, weight 1, normal. */
   qos: qosSchema.optional(),
+  /** Share of the host's cache device (needs top-level cache); default shares 1, no min, no max. */
+  cache: vmCacheSchema.optional(),
 });
 
 export const tlsSchema = z.strictObject({
@@ -335,6 +365,9 @@ export const configSchema = z
   })
   .superRefine((c, ctx) => {
     if (!c.cache) {
+      c.vms?.forEach((vm, i) => {
+        if (vm.cache) ctx.addIssue({ code: 'custom', path: ['vms', i, 'cache'], message: 'needs a cache device (top-level cache)' });
+      });
       c.vms?.forEach((vm, i) =>
         vm.disks?.forEach((d, j) => {
           if (d.cache) ctx.addIssue({ code: 'custom', path: ['vms', i, 'disks', j, 'cache'], message: 'needs a cache device (top-level cache)' });
@@ -414,6 +447,8 @@ export interface VmConfig {
   pathPriority?: 'normal' | 'high';
   /** Absent: the defaults (DEFAULT_QOS of lib/qos/settings.ts). */
   qos?: QosSettings;
+  /** The VM's share of the host's cache device; absent: shares 1. */
+  cache?: VmCachePolicy;
 }
 
 export interface TlsConfig {
@@ -454,7 +489,7 @@ export interface DaemonConfig {
   /** The host-wide scheduler; absent: DEFAULT_HOST_QOS. */
   qos?: HostQosConfig;
   /** The local cache device (absent: disks are not cached). */
-  cache?: { device: string; size?: number; lineSize?: number; ramBytes: number; host?: string; direct?: boolean };
+  cache?: { device: string; size?: number; lineSize?: number; ramBytes: number; host?: string; direct?: boolean; balloon: BalloonSettings };
 }
 
 /** Where relative paths are anchored and where sockets go by default. */
@@ -584,6 +619,7 @@ export function resolveVm(v: z.output<typeof vmSchema>, ctx: ResolveContext): Vm
     disks: (v.disks ?? []).map((d) => resolveDisk(v.name, d, ctx)),
     shares: (v.shares ?? []).map((sh) => resolveShare(v.name, sh, ctx)),
     ...(v.qos ? { qos: resolveQos(v.qos) } : {}),
+    ...(v.cache ? { cache: { shares: v.cache.shares ?? 1, ...(v.cache.min !== undefined ? { minBytes: v.cache.min } : {}), ...(v.cache.max !== undefined ? { maxBytes: v.cache.max } : {}) } } : {}),
   };
 }
 
@@ -711,6 +747,12 @@ export function parseConfig(data: unknown, baseDir: string, source?: string): Da
             ramBytes: c.cache.ram ?? 64 * 1024 * 1024,
             ...(c.cache.host !== undefined ? { host: c.cache.host } : {}),
             ...(c.cache.direct !== undefined ? { direct: c.cache.direct } : {}),
+            balloon: {
+              enabled: c.cache.balloon?.enabled ?? DEFAULT_BALLOON.enabled,
+              intervalMs: c.cache.balloon?.interval ?? DEFAULT_BALLOON.intervalMs,
+              rateBytesPerSec: c.cache.balloon?.rate ?? DEFAULT_BALLOON.rateBytesPerSec,
+              idleTax: c.cache.balloon?.idleTax ?? DEFAULT_BALLOON.idleTax,
+            },
           },
         }
       : {}),

@@ -29,6 +29,7 @@ import { handleCacheRequest } from '../block/cache/control.js';
 import type { CacheHost } from '../block/cache/host.js';
 import { renderCacheMetrics } from '../block/cache/metrics.js';
 import type { DeviceStats } from '../block/cache/device.js';
+import type { BalloonStatus } from '../block/cache/balloon.js';
 
 const MAX_BODY = 1024 * 1024;
 
@@ -48,7 +49,7 @@ export interface DaemonStatus {
   /** The host-wide QoS scheduler (absent when QoS is disabled). */
   qos?: QosHostStatus;
   /** The host's cache device (absent without one). */
-  cache?: DeviceStats & { device: string; host: string };
+  cache?: DeviceStats & { device: string; host: string; balloon?: BalloonStatus };
 }
 
 export interface ControlDeps {

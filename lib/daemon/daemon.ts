@@ -10,7 +10,7 @@
  */
 import { mkdir, readFile } from 'node:fs/promises';
 import { FileVolume } from '../block/file.js';
-import { CacheHost, cacheHostId, checkDirtyHost } from '../block/cache/host.js';
+import { balloonOf, CacheHost, cacheHostId, checkDirtyHost } from '../block/cache/host.js';
 import { ConfigError, type DaemonConfig, type DiskConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
@@ -351,7 +351,7 @@ export class Daemon {
       vms: this.registry?.status() ?? [],
       ...(this.remote ? { paths: this.remote.paths.status() } : {}),
       ...(this.qos ? { qos: this.qos.status() } : {}),
-      ...(this.cacheHost ? { cache: { device: this.config.cache!.device, host: this.cacheHost.hostId, ...this.cacheHost.device.deviceStats() } } : {}),
+      ...(this.cacheHost ? { cache: { device: this.config.cache!.device, host: this.cacheHost.hostId, ...this.cacheHost.device.deviceStats(), ...balloonOf(this.cacheHost) } } : {}),
     };
   }
 

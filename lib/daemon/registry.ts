@@ -420,7 +420,7 @@ export class VmRegistry {
     if (this.deps.cache) {
       try {
         const key = config.volume ? `volume:${config.volume.name}` : `file:${config.file}`;
-        cache = await this.deps.cache.openDisk(vm.name, config.name, key, volume, config.cache ?? {}, config.volume?.name);
+        cache = await this.deps.cache.openDisk(vm.name, config.name, key, volume, config.cache ?? {}, config.volume?.name, this.vmConfigs.get(vm.name)?.cache);
       } catch (e) {
         await volume.close().catch(() => {});
         throw new RegistryError(500, `${field('cache')}: cannot open the cache layer: ${(e as Error).message}`);

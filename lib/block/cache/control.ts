@@ -3,6 +3,8 @@
  * /v1/vms/VM/disks/DISK/cache... here). Off the data path: they call CacheVolume's control methods.
  *
  *   GET  /v1/cache                                   device, host id, every cached disk's stats
+ *   GET  /v1/cache/balloon                           the capacity scheduler: per VM shares, target,
+ *                                                    allotment, used bytes, hit ratio, activity
  *   POST /v1/cache/invalidate-volume  {volume, force: true}
  *                                                    clears another host's dirty record of a volume
  *   GET  /v1/vms/VM/disks/DISK/cache                 the disk's cache stats
@@ -48,6 +50,12 @@ export async function handleCacheRequest(
       if (parts.length === 1) {
         if (method !== 'GET') return err(405, 'use GET');
         return { status: 200, body: { host: host.hostId, device: host.device.deviceStats(), disks: host.list() } };
+      }
+      if (parts[1] === 'balloon' && parts.length === 2) {
+        if (method !== 'GET') return err(405, 'use GET');
+        const b = host.balloonStatus();
+        if (!b) return err(404, 'the capacity scheduler is off (cache.balloon.enabled: false)');
+        return { status: 200, body: b };
       }
       if (parts[1] === 'invalidate-volume' && parts.length === 2) {
         if (method !== 'POST') return err(405, 'use POST');

@@ -10,9 +10,10 @@
  * drops the dirty data with `vstore cache invalidate --force` (which also clears the record).
  *
  * Capacity: every disk may use the whole device unless it has an allotment; `setAllotment` is
- * the runtime knob a capacity scheduler (the balloon-style scheduler of the cache issue, not
- * built yet) turns: the allocator enforces it at the next allocation, evicting the disk's own
- * clean lines first.
+ * the runtime knob the balloon-style scheduler (balloon.ts, started here unless
+ * `cache.balloon.enabled: false`) turns every interval for the disks of each VM, from the VMs'
+ * shares (openDisk's `vmPolicy`); a disk with an explicit allotment keeps it and is left out.
+ * The allocator enforces it at the next allocation, evicting the disk's own clean lines first.
  */
 import { hostname } from 'node:os';
 import type { Logger } from 'pino';
@@ -23,6 +24,7 @@ import { parseNbdUri } from '../../nbd/client.js';
 import type { Volume } from '../volume.js';
 import type { NameRecord, ResolverStore } from '../../resolver/types.js';
 import { CacheDevice } from './device.js';
+import { BalloonScheduler, DEFAULT_BALLOON, DEFAULT_VM_CACHE_POLICY, type BalloonSettings, type BalloonStatus, type VmCachePolicy } from './balloon.js';
 import { CacheVolume, createRamTier, type CacheMode, type CacheStats, type RamTier } from './volume.js';
 
 export interface HostCacheConfig {
@@ -38,6 +40,8 @@ export interface HostCacheConfig {
   lineSize?: number;
   ramBytes: number;
   host?: string;
+  /** The capacity scheduler (default DEFAULT_BALLOON: on). */
+  balloon?: BalloonSettings;
 }
 
 export interface DiskCacheSettings {
@@ -87,15 +91,27 @@ export async function setDirtyHost(resolver: ResolverStore, volume: string, host
   }
 }
 
+/** `{ balloon }` for the daemon's status (`cache.balloon`), empty when the scheduler is off. */
+export function balloonOf(host: CacheHost): { balloon?: BalloonStatus } {
+  const b = host.balloonStatus();
+  return b ? { balloon: b } : {};
+}
+
 export interface CachedDiskInfo {
   vm: string;
   disk: string;
   volume: CacheVolume;
+  /** An explicit allotment (config `cache.allotment`): the balloon leaves the disk alone. */
+  fixedBytes?: number;
 }
 
 export class CacheHost {
   readonly hostId: string;
   private readonly disks = new Map<string, CachedDiskInfo>();
+  /** Each VM's share of the device, as its last opened disk gave it. */
+  private readonly vmPolicies = new Map<string, VmCachePolicy>();
+  /** The capacity scheduler (absent: `cache.balloon.enabled: false`). */
+  readonly balloon: BalloonScheduler | undefined;
 
   private constructor(
     readonly device: CacheDevice,
@@ -105,6 +121,20 @@ export class CacheHost {
     private readonly resolver?: ResolverStore,
   ) {
     this.hostId = cacheHostId(cfg);
+    const b = cfg.balloon ?? DEFAULT_BALLOON;
+    if (b.enabled) {
+      this.balloon = new BalloonScheduler(
+        {
+          capacityBytes: () => device.slots * device.lineSize,
+          disks: () => [...this.disks.values()],
+          policy: (vm) => this.vmPolicies.get(vm) ?? DEFAULT_VM_CACHE_POLICY,
+        },
+        b,
+        device.lineSize,
+        logger.child({ component: 'cache-balloon' }),
+      );
+      this.balloon.start();
+    }
   }
 
   /** Opens (creating a file of `size` when missing) and replays the cache device. */
@@ -134,7 +164,7 @@ export class CacheHost {
   }
 
   /** The cache layer of one disk over its backing volume. `volumeName`: the resolver name, for dirty records. */
-  async openDisk(vm: string, disk: string, key: string, backing: Volume, settings: DiskCacheSettings, volumeName?: string): Promise<CacheVolume> {
+  async openDisk(vm: string, disk: string, key: string, backing: Volume, settings: DiskCacheSettings, volumeName?: string, vmPolicy?: VmCachePolicy): Promise<CacheVolume> {
     const log = this.logger.child({ vm, disk, cache: settings.mode ?? DEFAULT_DISK_MODE });
     const resolver = this.resolver;
     const v = await CacheVolume.open({
@@ -155,13 +185,20 @@ export class CacheHost {
           }
         : {}),
     });
-    this.disks.set(`${vm}/${disk}`, { vm, disk, volume: v });
+    this.disks.set(`${vm}/${disk}`, { vm, disk, volume: v, ...(settings.allotmentBytes !== undefined ? { fixedBytes: settings.allotmentBytes } : {}) });
+    if (vmPolicy) this.vmPolicies.set(vm, vmPolicy);
     return v;
   }
 
   /** Forgets a disk (its CacheVolume was closed). */
   forget(vm: string, disk: string, v: CacheVolume): void {
     if (this.disks.get(`${vm}/${disk}`)?.volume === v) this.disks.delete(`${vm}/${disk}`);
+    if (![...this.disks.values()].some((d) => d.vm === vm)) this.vmPolicies.delete(vm);
+  }
+
+  /** Targets and allotments per VM (GET /v1/cache/balloon); undefined when the scheduler is off. */
+  balloonStatus(): BalloonStatus | undefined {
+    return this.balloon?.status();
   }
 
   get(vm: string, disk: string): CacheVolume | undefined {
@@ -180,6 +217,7 @@ export class CacheHost {
   }
 
   async close(): Promise<void> {
+    await this.balloon?.stop();
     await this.device.close();
   }
 }

@@ -1,10 +1,11 @@
 /** Prometheus families of the cache layer, one row per cached disk (and the device's). */
 import type { CacheStats } from './volume.js';
 import type { DeviceStats } from './device.js';
+import type { BalloonStatus } from './balloon.js';
 
 interface StatusLike {
   vms: Array<{ name: string; disks: Array<{ name: string; cache?: CacheStats }> }>;
-  cache?: DeviceStats & { device: string };
+  cache?: DeviceStats & { device: string; balloon?: BalloonStatus };
 }
 
 function lv(s: string): string {
@@ -35,6 +36,14 @@ export function renderCacheMetrics(s: StatusLike): string[] {
   per('vstore_cache_used_bytes', 'gauge', 'Cache space the disk holds.', (c) => c.usedBytes);
   per('vstore_cache_degraded', 'gauge', '1 when the cache device failed and the disk runs pass-through.', (c) => (c.degraded ? 1 : 0));
   per('vstore_cache_lost_bytes', 'gauge', 'Dirty bytes that could not be read back from a failed cache device.', (c) => c.lostBytes);
+  const b = s.cache.balloon;
+  if (b) {
+    const vms = b.vms.map((v) => ({ l: `{vm="${lv(v.vm)}"}`, v }));
+    family('vstore_cache_target_bytes', 'gauge', 'Cache space the capacity scheduler aims to give the VM.', vms.map(({ l, v }) => [l, v.targetBytes]));
+    family('vstore_cache_allotment_bytes', 'gauge', 'Cache space the VM\'s disks may hold now (moves toward the target at the balloon rate).', vms.map(({ l, v }) => [l, v.allotmentBytes]));
+    family('vstore_cache_vm_used_bytes', 'gauge', 'Cache space the VM\'s ballooned disks hold.', vms.map(({ l, v }) => [l, v.usedBytes]));
+    family('vstore_cache_shares', 'gauge', 'The VM\'s configured shares of the cache device.', vms.map(({ l, v }) => [l, v.shares]));
+  }
   family(
     'vstore_cache_mode',
     'gauge',
