@@ -485,10 +485,10 @@ export class RemoteVolume extends EventEmitter implements Volume {
    * on another path until every path of the node was tried; an error the server answered is
    * thrown as is. Per-path counters and service time are kept here. Errors are VolumeErrors.
    */
-  private async call<T>(fn: (c: NbdClientConnection) => Promise<T>, kind: RequestKind = 'other', bytes = 0): Promise<T> {
+  private async call<T>(
+    fn: (c: NbdClientConnection) => Promise<T>, kind: RequestKind = 'other', bytes = 0, tried: Set<Path> | null = null, last: VolumeError | null = null,
+  ): Promise<T> {
     if (this.closed) throw new VolumeError('ESHUTDOWN', `remote ${this.id}: closed`);
-    let tried: Set<Path> | null = null;
-    let last: VolumeError | null = null;
     for (;;) {
       const slot = this.choose(tried);
       if (!slot) throw last ?? new VolumeError('ESHUTDOWN', `remote ${this.id}: not connected`);
@@ -515,43 +515,97 @@ export class RemoteVolume extends EventEmitter implements Volume {
     }
   }
 
+  /**
+   * call() for the common case, without an async frame: the first attempt's promise is the
+   * client's own, with the path's accounting chained on it; only a broken connection goes on
+   * to call()'s failover loop.
+   */
+  private callFast(fn: (c: NbdClientConnection) => Promise<void>, kind: RequestKind, bytes: number): Promise<void> {
+    const slot = this.closed ? null : this.choose(null);
+    if (!slot) return this.call(fn, kind, bytes);
+    const c = slot.conn!;
+    const path = slot.path;
+    const t0 = performance.now();
+    path.begin();
+    return fn(c).then(
+      () => path.succeeded(performance.now() - t0, kind, bytes),
+      (e: unknown) => {
+        const err = toVolumeError(e);
+        const transport = !c.ready;
+        path.failed(transport, err.message);
+        if (!transport || this.closed) throw err;
+        path.failovers++;
+        this.failovers++;
+        this.log.debug({ path: path.id, err: err.message }, 'remote: request failed over to another path');
+        return this.call(fn, kind, bytes, new Set([path]), err);
+      },
+    );
+  }
+
   // ------------------------------------------------------------------ Volume
 
-  async read(offset: number, buf: Buffer): Promise<void> {
-    if (buf.length === 0) return;
+  read(offset: number, buf: Buffer): Promise<void> {
+    if (buf.length === 0) return Promise.resolve();
     const r = this.sc;
     if (r !== null && offset + buf.length <= this.size) {
       if (r.readSync(offset, buf)) {
         this.shortCircuitReads++;
-        return;
+        return Promise.resolve();
       }
-      try {
-        await r.read(offset, buf);
-        this.shortCircuitReads++;
-        return;
-      } catch (e) {
-        this.log.debug({ err: (e as Error).message }, 'remote: short-circuit read failed; over NBD');
-      }
+      return r.read(offset, buf).then(
+        () => void this.shortCircuitReads++,
+        (e: unknown) => {
+          this.log.debug({ err: (e as Error).message }, 'remote: short-circuit read failed; over NBD');
+          return this.readNbd(offset, buf);
+        },
+      );
     }
+    return this.readNbd(offset, buf);
+  }
+
+  private readNbd(offset: number, buf: Buffer): Promise<void> {
     const m = this.limits.minimum;
-    if (m > 1 && (offset % m !== 0 || buf.length % m !== 0)) {
-      const start = offset - (offset % m);
-      const end = roundUp(offset + buf.length, m, this.size);
-      const tmp = Buffer.allocUnsafe(end - start);
-      await this.readAligned(start, tmp);
-      tmp.copy(buf, 0, offset - start, offset - start + buf.length);
-      return;
+    if (m > 1 && (offset % m !== 0 || buf.length % m !== 0)) return this.readUnaligned(offset, buf);
+    try {
+      return this.readAligned(offset, buf);
+    } catch (e) {
+      return Promise.reject(e);
     }
-    await this.readAligned(offset, buf);
+  }
+
+  private async readUnaligned(offset: number, buf: Buffer): Promise<void> {
+    const m = this.limits.minimum;
+    const start = offset - (offset % m);
+    const end = roundUp(offset + buf.length, m, this.size);
+    const tmp = Buffer.allocUnsafe(end - start);
+    await this.readAligned(start, tmp);
+    tmp.copy(buf, 0, offset - start, offset - start + buf.length);
   }
 
   private readAligned(offset: number, buf: Buffer): Promise<void> {
     this.pick(); // fail at once when down
+    if (buf.length <= this.limits.maximum) return this.callFast((c) => c.read(offset, buf), 'read', buf.length);
     return split(offset, buf.length, this.limits.maximum, (o, l) =>
       this.call((c) => c.read(o, buf.subarray(o - offset, o - offset + l)), 'read', l));
   }
 
-  async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+  write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    // The common case without an async frame: aligned, one wire request, FUA native or absent.
+    if (buf.length > 0 && buf.length <= this.limits.maximum && !this.caps.readOnly && !this.closed && (this.limits.minimum === 1 || (offset % this.limits.minimum === 0 && buf.length % this.limits.minimum === 0))) {
+      const fua = opts?.fua === true;
+      if (!fua || this.caps.fua) {
+        try {
+          this.pick();
+        } catch (e) {
+          return Promise.reject(e);
+        }
+        return this.callFast((c) => c.write(offset, buf, { fua }), 'write', buf.length);
+      }
+    }
+    return this.writeSlow(offset, buf, opts);
+  }
+
+  private async writeSlow(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
     this.writable();
     if (buf.length === 0) return;
     const m = this.limits.minimum;

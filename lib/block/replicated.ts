@@ -295,11 +295,24 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
     // Fast path: the least-busy in-sync replica can fill buf now from its local file (short-
     // circuit read from the page cache): no promise chain, no NBD round trip. Only in-sync
     // replicas are picked (I4), and a replica leaving in-sync drops its descriptor (setState).
-    if (!this.closed) {
-      const r = this.pickSource();
-      if (r !== null && r.vol.readLocal !== undefined && r.vol.readLocal(offset, buf)) return Promise.resolve();
-    }
-    return this.fromOne((v) => v.read(offset, buf)).then(noop);
+    const r = this.closed ? null : this.pickSource();
+    if (r === null) return this.fromOne((v) => v.read(offset, buf)).then(noop);
+    if (r.vol.readLocal !== undefined && r.vol.readLocal(offset, buf)) return Promise.resolve();
+    // One attempt on the picked replica without fromOne's async frames; on an error, fromOne's
+    // loop (other replicas, waiting for one) takes over.
+    r.pending++;
+    const downs = r.downs;
+    return r.vol.read(offset, buf).then(
+      () => void r.pending--,
+      (e: unknown) => {
+        r.pending--;
+        const err = toVolumeError(e);
+        this.log.warn({ replica: r.id, err: err.message }, 'read failed on a replica; trying another');
+        // As fromOne's own loop: a replica that failed without going down is not tried again.
+        const wentDown = r.downs !== downs || !r.vol.up;
+        return this.fromOne((v) => v.read(offset, buf), wentDown ? undefined : r, err).then(noop);
+      },
+    );
   }
 
   write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
@@ -411,11 +424,12 @@ export class ReplicatedVolume extends EventEmitter implements Volume {
   // ---- reads ----
 
   /** Runs `fn` on one in-sync replica, trying the others on error; waits when none is up. */
-  private async fromOne<T>(fn: (v: ReplicaVolume) => Promise<T>): Promise<T> {
+  private async fromOne<T>(fn: (v: ReplicaVolume) => Promise<T>, failed?: Rep, lastErr?: VolumeError): Promise<T> {
     this.checkOpen();
     const deadline = Date.now() + this.waitMs;
     const tried = new Set<Rep>();
-    let last: VolumeError | undefined;
+    if (failed) tried.add(failed);
+    let last: VolumeError | undefined = lastErr;
     for (;;) {
       const r = this.pickSource(tried);
       if (!r) {

@@ -14,6 +14,13 @@
  * destroyed and every pending request fails with EIO. Bytes of a chunk reach the caller's buffer
  * only after the chunk's offset and length were checked against the request, and a read
  * resolves only when chunks covered every byte exactly once.
+ *
+ * Costs per request on the data path (the daemon's proxy hop, bench/RESULTS-replicated.md):
+ * replies are read into one preallocated buffer per connection (net.Socket `onread`), payloads
+ * copied from it straight into the caller's buffer, and only the few bytes of a reply header
+ * that straddles two reads copied out before the buffer is reused; request headers of one
+ * event-loop turn are written side by side into one buffer and the turn's headers and write
+ * payloads leave in one writev.
  */
 import { EventEmitter } from 'node:events';
 import * as net from 'node:net';
@@ -165,6 +172,11 @@ interface Req {
   extents: Extent[] | null;
 }
 
+/** The buffer replies are read into (one per connection; reused by every read of the socket). */
+const READ_BUFFER = 256 * 1024;
+/** Request headers written into one buffer before another is allocated (headers of many turns share it). */
+const HEADER_BATCH = 256 * C.REQUEST_HEADER_SIZE;
+
 /** Longest option reply the client reads (INFO strings are <= 4 KiB). */
 const MAX_OPTION_REPLY = 64 * 1024;
 /** Longest non-data structured chunk: error chunks are <= 6 + 4096 + 8; block status 2^20 extents. */
@@ -207,14 +219,21 @@ export class NbdClientConnection extends EventEmitter {
   private readonly maxQueued: number;
   private readonly timeoutMs: number;
   private sweepTimer: NodeJS.Timeout | null = null;
-  private corked = false;
+  /** A flush of this turn's requests is scheduled (setImmediate). */
+  private flushQueued = false;
+  /** Headers are appended at hdrPos; [runStart, hdrPos) is not yet in `out`. Bytes before hdrPos are never rewritten (the socket may still hold them). */
+  private hdr: Buffer = Buffer.allocUnsafeSlow(HEADER_BATCH);
+  private hdrPos = 0;
+  private runStart = 0;
+  /** This turn's header runs and write payloads, in wire order. */
+  private out: Buffer[] = [];
   private closeReason: string | null = null;
   private closedP: Promise<void>;
   private idleWaiters: Array<() => void> = [];
 
   private constructor(
     socket: net.Socket, q: ChunkQueue, info: NbdExportInfo, address: string, log: Logger,
-    o: { timeoutMs: number; maxInflight: number; maxQueued: number },
+    o: { timeoutMs: number; maxInflight: number; maxQueued: number }, reads: ReadSink,
   ) {
     super();
     this.socket = socket;
@@ -226,7 +245,7 @@ export class NbdClientConnection extends EventEmitter {
     this.maxInflight = o.maxInflight;
     this.maxQueued = o.maxQueued;
     this.closedP = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('data', this.onData);
+    reads.sink = this.onRead;
     socket.on('close', this.onClose);
     socket.on('error', this.onError);
   }
@@ -250,7 +269,7 @@ export class NbdClientConnection extends EventEmitter {
     if (!Number.isSafeInteger(maxQueued) || maxQueued < 0) throw new VolumeError('EINVAL', 'maxQueued must be >= 0');
     const hs = new Handshake(target.address, addr, exportName, opts, log);
     const { socket, q, info } = await hs.run(opts.connectTimeoutMs ?? 5000);
-    const conn = new NbdClientConnection(socket, q, info, addr, log, { timeoutMs, maxInflight, maxQueued });
+    const conn = new NbdClientConnection(socket, q, info, addr, log, { timeoutMs, maxInflight, maxQueued }, hs.reads);
     log.debug({ size: info.size, flags: info.flags, structured: info.structured, via: info.via }, 'nbd client: connected');
     // Bytes the server sent after the handshake without being asked are replies to nothing.
     if (q.length > 0) conn.processReplies();
@@ -390,26 +409,63 @@ export class NbdClientConnection extends EventEmitter {
         error: null, covered: [], coveredBytes: 0, extents: null,
       };
       this.inflight.set(handle, req);
-      const s = this.socket;
-      if (!this.corked) {
+      // The header goes into the shared header buffer (no allocation per request).
+      let h = this.hdr;
+      let p = this.hdrPos;
+      if (p + C.REQUEST_HEADER_SIZE > h.length) {
+        this.closeRun();
+        h = this.hdr = Buffer.allocUnsafeSlow(HEADER_BATCH);
+        p = this.hdrPos = this.runStart = 0;
+      }
+      h.writeUInt32BE(C.REQUEST_MAGIC, p);
+      h.writeUInt16BE(flags & 0xffff, p + 4);
+      h.writeUInt16BE(type & 0xffff, p + 6);
+      h.writeUInt32BE(0, p + 8);
+      h.writeUInt32BE(handle, p + 12);
+      h.writeUInt32BE(Math.floor(offset / TWO32), p + 16);
+      h.writeUInt32BE(offset >>> 0, p + 20);
+      h.writeUInt32BE(length, p + 24);
+      this.hdrPos = p + C.REQUEST_HEADER_SIZE;
+      if (type === C.NBD_CMD_WRITE && length > 0) {
+        this.closeRun();
+        this.out.push(buf!);
+      }
+      if (!this.flushQueued) {
         // Requests sent during this turn of the event loop leave in one writev, after every
         // socket that was readable in this turn has been handled (setImmediate runs after the
         // poll phase): a proxy (the daemon) turns N guest requests read from several sockets
         // into one syscall per node connection instead of one each. Measured in
         // bench/RESULTS-replicated.md.
-        this.corked = true;
-        s.cork();
-        setImmediate(this.uncork);
+        this.flushQueued = true;
+        setImmediate(this.flushOut);
       }
-      s.write(codec.encodeRequest({ type, flags, handleHi: 0, handleLo: handle, offset, length }));
-      if (type === C.NBD_CMD_WRITE && length > 0) s.write(buf!);
       if (!this.sweepTimer) this.startSweep();
     });
   }
 
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket.uncork();
+  /** Moves the headers written since the last run into `out` (one slice of the header buffer). */
+  private closeRun(): void {
+    if (this.hdrPos > this.runStart) {
+      this.out.push(this.hdr.subarray(this.runStart, this.hdrPos));
+      this.runStart = this.hdrPos;
+    }
+  }
+
+  private readonly flushOut = (): void => {
+    this.flushQueued = false;
+    this.closeRun();
+    const o = this.out;
+    if (o.length === 0) return;
+    this.out = [];
+    if (this.phase === 'closed') return;
+    const s = this.socket;
+    if (o.length === 1) {
+      s.write(o[0]!);
+      return;
+    }
+    s.cork();
+    for (const b of o) s.write(b);
+    s.uncork();
   };
 
   private startSweep(): void {
@@ -449,10 +505,17 @@ export class NbdClientConnection extends EventEmitter {
 
   // ------------------------------------------------------------------ ending
 
-  private readonly onData = (b: Buffer): void => {
+  /**
+   * Bytes read into the connection's read buffer (a view of it, valid only during this call):
+   * parsed at once — payloads are copied straight into the callers' buffers — and whatever is
+   * left (a reply header or chunk cut by the read) is copied out before the buffer is reused.
+   */
+  private readonly onRead = (b: Buffer): void => {
     if (this.phase === 'closed') return;
-    this.q.push(b);
+    const q = this.q;
+    q.push(b);
     this.processReplies();
+    if (q.length > 0) q.push(q.takeAll()); // a copy: the read buffer is overwritten by the next read
   };
 
   private readonly onError = (e: Error): void => {
@@ -749,9 +812,23 @@ export class NbdClientConnection extends EventEmitter {
 
 // ------------------------------------------------------------------------------------ handshake
 
+/**
+ * Where the bytes read into a connection's read buffer go: the handshake's queue (copied: the
+ * handshake is short), then the connection's parser.
+ */
+interface ReadSink {
+  sink: (view: Buffer) => void;
+}
+
 /** The negotiation phase, as a sequence of awaited reads over one socket. */
 class Handshake {
   private socket: net.Socket | null = null;
+  readonly reads: ReadSink = {
+    sink: (b: Buffer) => {
+      this.q.push(Buffer.from(b));
+      this.wake();
+    },
+  };
   private readonly q = new ChunkQueue();
   private waiter: (() => void) | null = null;
   private failure: VolumeError | null = null;
@@ -770,7 +847,6 @@ class Handshake {
       await this.connect();
       const info = await this.negotiate();
       const s = this.socket!;
-      s.removeAllListeners('data');
       s.removeAllListeners('error');
       s.removeAllListeners('close');
       return { socket: s, q: this.q, info };
@@ -799,7 +875,13 @@ class Handshake {
     return new Promise((resolve, reject) => {
       const t = this.target;
       const la = this.opts.localAddress;
-      const s = 'unix' in t ? net.connect({ path: t.unix }) : net.connect({ host: t.host, port: t.port, ...(la ? { localAddress: la } : {}) });
+      // Replies are read into one buffer per connection (onread): no allocation per read.
+      const reads = this.reads;
+      const onread = { buffer: Buffer.allocUnsafeSlow(READ_BUFFER), callback: (n: number, b: Buffer): boolean => {
+        if (n > 0) reads.sink(b.subarray(0, n));
+        return true;
+      } };
+      const s = 'unix' in t ? net.connect({ path: t.unix, onread }) : net.connect({ host: t.host, port: t.port, onread, ...(la ? { localAddress: la } : {}) });
       this.socket = s;
       if (!('unix' in t)) s.setNoDelay(true);
       const onErr = (e: NodeJS.ErrnoException): void => {
@@ -808,10 +890,6 @@ class Handshake {
       s.once('error', onErr);
       s.once('connect', () => {
         s.removeListener('error', onErr);
-        s.on('data', (b: Buffer) => {
-          this.q.push(b);
-          this.wake();
-        });
         s.on('error', (e: Error) => this.abort(new VolumeError('EIO', `nbd ${this.addr}: socket error during handshake: ${e.message}`)));
         s.on('close', () => this.abort(new VolumeError('EIO', `nbd ${this.addr}: the server closed the connection during the handshake`)));
         resolve();
