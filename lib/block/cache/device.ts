@@ -14,7 +14,13 @@
  *     durable mapping over data that belongs to something else;
  *   - `committedValid` is what the durable records say is valid. Fills (cache-on-read,
  *     write-through) only write sectors that are neither valid nor committed-valid, so a crash
- *     never finds a durable "valid" over data that was changed afterwards.
+ *     never finds a durable "valid" over data that was changed afterwards;
+ *   - `committedEpoch` is the epoch the newest *completed* commit recorded for a slot. A write
+ *     may overwrite a committed-valid sector in place only when that epoch is the write's own
+ *     (a crash then finds the sector dirty in the same, unflushed epoch): a clean slot that
+ *     joined a newer epoch in memory still says "clean, old epoch" on the device until the
+ *     next commit, and data written into its valid sectors before then would come back after a
+ *     crash as clean data the backing volume never had (CacheVolume commits first).
  *
  * Journal space: when the ring would wrap over blocks the newest checkpoint does not cover, the
  * commit writes a checkpoint of the whole table instead (into the older of two areas).
@@ -97,6 +103,8 @@ export class CacheDevice {
   readonly valid: Uint32Array;
   /** What the durable metadata says is valid. */
   readonly committedValid: Uint32Array;
+  /** The epoch of each slot's record in the newest completed commit (-1: none, or free). */
+  readonly committedEpoch: Float64Array;
 
   private readonly sb: Superblock;
   private readonly stream: number;
@@ -132,6 +140,7 @@ export class CacheDevice {
     this.slotEpoch = new Float64Array(this.slots);
     this.valid = new Uint32Array(this.slots * this.words);
     this.committedValid = new Uint32Array(this.slots * this.words);
+    this.committedEpoch = new Float64Array(this.slots).fill(-1);
     this.evictBatch = opts.evictBatch ?? Math.max(4, Math.floor(this.slots / 64));
     this.logger = opts.logger;
   }
@@ -219,6 +228,7 @@ export class CacheDevice {
     this.nextSeq = seq;
     for (let s = this.slots - 1; s >= 0; s--) if (this.slotDisk[s] === -1) this.free.push(s);
     this.committedValid.set(this.valid);
+    for (let s = 0; s < this.slots; s++) this.committedEpoch[s] = this.slotDisk[s]! >= 0 ? this.slotEpoch[s]! : -1;
     // Lines and counts per disk, slots of a line in ascending epoch.
     for (let s = 0; s < this.slots; s++) {
       const d = this.disks.get(this.slotDisk[s]!);
@@ -377,10 +387,15 @@ export class CacheDevice {
         this.mark(s);
         return s;
       }
-      // Make room: evict a batch, then commit so that the freed slots may be reused.
+      // Make room: evict a batch, then commit so that the freed slots may be reused. A disk at
+      // its allotment evicts its own; otherwise a batch already waiting for the commit serves
+      // this caller too: concurrent fills each evicting a batch emptied the whole device (seen
+      // with the balloon scheduler: 200 fills in flight x 23 slots > every slot).
       const victim = d.used >= d.allotment ? d : this.mostOver(d);
-      const got = victim.evict?.(this.evictBatch) ?? 0;
-      if (got === 0 && this.freeing.length === 0 && victim !== d) d.evict?.(this.evictBatch);
+      if (victim === d || this.freeing.length === 0) {
+        const got = victim.evict?.(this.evictBatch) ?? 0;
+        if (got === 0 && this.freeing.length === 0 && victim !== d) d.evict?.(this.evictBatch);
+      }
       if (this.freeing.length === 0 && this.free.length === 0) return null;
       await this.commit();
     }
@@ -549,7 +564,13 @@ export class CacheDevice {
         }
         this.stats.journalBlocksWritten += blocks.length;
         await this.storage.flush();
-        for (const recs of blocks) for (const r of recs) if (r.type === RecordType.Slot) this.slotCommitted(r.slot).set(r.valid);
+        for (const recs of blocks) {
+          for (const r of recs) {
+            if (r.type !== RecordType.Slot) continue;
+            this.slotCommitted(r.slot).set(r.valid);
+            this.committedEpoch[r.slot] = r.disk === FREE_DISK ? -1 : r.epoch;
+          }
+        }
       }
     } catch (e) {
       throw this.fail(e);
@@ -602,7 +623,11 @@ export class CacheDevice {
     this.generation = gen;
     this.ckptSeq = nextSeq;
     this.committedValid.fill(0);
-    for (const r of recs) this.slotCommitted(r.slot).set(r.valid);
+    this.committedEpoch.fill(-1);
+    for (const r of recs) {
+      this.slotCommitted(r.slot).set(r.valid);
+      this.committedEpoch[r.slot] = r.epoch;
+    }
     this.stats.checkpoints++;
   }
 

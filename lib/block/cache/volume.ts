@@ -533,6 +533,14 @@ export class CacheVolume implements Volume {
         if (got === null) return false;
         slot = got;
         slots = this.meta.lines.get(line);
+      } else if (this.device.committedEpoch[slot] !== epoch && anySet(this.device.slotCommitted(slot), s0, s1)) {
+        // In place over sectors the device's record still calls valid under another (older,
+        // clean) epoch: a slot that joined this epoch (above, or for an earlier write of it)
+        // and whose join is not durable yet. Written now, a crash would bring these sectors
+        // back as clean data the backing volume never had; the commit makes the join durable
+        // first (then a crash finds them dirty in this epoch, an unflushed write). Found by
+        // the concurrent crash model (crash-concurrent.property.test.ts).
+        await this.device.commit();
       }
       await this.device.writeData(slot, s0 * SECTOR, data);
       const v = this.device.slotValid(slot);
