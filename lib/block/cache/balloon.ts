@@ -356,6 +356,8 @@ export interface BalloonStatus {
   idleTax: number;
   /** Device capacity minus fixed allotments: what the VMs share. */
   capacityBytes: number;
+  /** Clock (ms since the epoch) of the last step: between two steps an allotment moves at most rate * their distance. */
+  updatedAt?: number;
   vms: Array<{
     vm: string;
     shares: number;
@@ -537,6 +539,7 @@ export class BalloonScheduler {
       rateBytesPerSec: s.rateBytesPerSec,
       idleTax: s.idleTax,
       capacityBytes: plan?.capacityBytes ?? 0,
+      ...(plan ? { updatedAt: plan.now } : {}),
       vms: (plan?.vms ?? []).map((v) => ({
         vm: v.vm,
         shares: v.shares,

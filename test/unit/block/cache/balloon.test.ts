@@ -5,6 +5,8 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { parseConfig } from '../../../../lib/config/schema.js';
+import { CacheDevice } from '../../../../lib/block/cache/device.js';
+import { MemoryVolume } from '../../../../lib/block/memory.js';
 import { BalloonCore, BalloonScheduler, waterFill, type BalloonDiskEntry, type BalloonDiskHandle, type BalloonPlan, type BalloonSettings, type BalloonVmInput, type VmCachePolicy } from '../../../../lib/block/cache/balloon.js';
 
 const LINE = 64 * 1024;
@@ -366,5 +368,33 @@ describe('config: vms[].cache and cache.balloon', () => {
     expect(() => parseConfig(base({ cache: { min: '2G', max: '1G' } }), '/')).toThrow(/vms\[0\]\.cache\.min: must not exceed max/);
     expect(() => parseConfig(base({}, { idleTax: 1.5 }), '/')).toThrow(/cache\.balloon\.idleTax: must be <= 1/);
     expect(() => parseConfig({ runDir: '/tmp/r', vms: [{ name: 'v', cache: { shares: 2 } }] }, '/')).toThrow(/vms\[0\]\.cache: needs a cache device/);
+  });
+});
+
+describe('the allocator under concurrent fills (what ballooning leans on)', () => {
+  it('a full device asked for many slots at once evicts a batch for all of them, not one batch per caller', async () => {
+    const dev = await CacheDevice.open(new MemoryVolume({ size: 16 * MiB }), { lineSize: LINE, evictBatch: 8 });
+    const a = await dev.attach('a', 64 * MiB);
+    const b = await dev.attach('b', 64 * MiB);
+    // a fills the device with clean lines; its evict() releases its oldest slots
+    const held: number[] = [];
+    for (let line = 0; line < dev.slots; line++) held.push((await dev.allocate(a, line, 0))!);
+    await dev.commit();
+    a.evict = (want) => {
+      let n = 0;
+      while (n < want && held.length) {
+        dev.release(a, held.shift()!);
+        n++;
+      }
+      return n;
+    };
+    b.allotment = 64;
+    // 40 fills of b at once (the daemon allows 64 per disk)
+    const got = await Promise.all(Array.from({ length: 40 }, (_, i) => dev.allocate(b, i, 0)));
+    const placed = got.filter((s) => s !== null).length;
+    expect(placed).toBeGreaterThan(0);
+    // one batch per commit round, not 40 x 8 = 320 slots (every slot of a 16 MiB device of 64K lines is ~250)
+    expect(dev.slots - a.used).toBeLessThanOrEqual(placed + 3 * 8);
+    expect(a.used).toBeGreaterThan(dev.slots / 2);
   });
 });
