@@ -85,7 +85,8 @@ export interface BalloonVmInput {
   disks: BalloonDiskInput[];
 }
 
-export interface BalloonVmPlan {
+/** What the scheduler says of a VM (in a plan, and in the status). */
+export interface BalloonVmFigures {
   vm: string;
   shares: number;
   minBytes?: number;
@@ -97,15 +98,26 @@ export interface BalloonVmPlan {
   hitRatio: number;
   /** Bytes read + written per second over the window. */
   activityBytesPerSec: number;
+  targetBytes: number;
+  /** The allotment (after this tick, in a plan). */
+  allotmentBytes: number;
+  usedBytes: number;
+}
+
+export interface BalloonVmPlan extends BalloonVmFigures {
   /** No read misses in the window: capped at what it holds plus slack. */
   benefitCapped: boolean;
-  usedBytes: number;
-  targetBytes: number;
-  /** The allotment before and after this tick. */
+  /** The allotment before this tick. */
   fromBytes: number;
-  allotmentBytes: number;
   /** Per disk (id -> bytes), the split of `allotmentBytes`. */
   disks: Map<string, number>;
+}
+
+/** A disk's counters at the last committed tick and its activity window. */
+interface DiskState {
+  last: { readHitBytes: number; readMissBytes: number; writtenBytes: number };
+  /** Per tick: [activity, misses], newest last, at most WINDOW_TICKS. */
+  window: Array<[number, number]>;
 }
 
 export interface BalloonPlan {
@@ -114,12 +126,13 @@ export interface BalloonPlan {
   /** Allotments may move by this much this tick. */
   maxStepBytes: number;
   vms: BalloonVmPlan[];
+  /** The disks' state once the plan is committed. */
+  readonly diskStates: ReadonlyMap<string, DiskState>;
 }
 
-interface DiskState {
-  last: { readHitBytes: number; readMissBytes: number; writtenBytes: number };
-  /** Per tick: [activity, misses], newest last, at most WINDOW_TICKS. */
-  window: Array<[number, number]>;
+/** Growth of a cumulative counter since `old` (a counter that went back: a reopened disk, counting from 0). */
+function delta(cur: number, old: number | undefined): number {
+  return old === undefined ? 0 : cur >= old ? cur - old : cur;
 }
 
 interface VmState {
@@ -196,6 +209,7 @@ export class BalloonCore {
 
     // A VM seen for the first time starts at what it holds, within what no other VM is allotted.
     let unallotted = capLines * line - inputs.reduce((n, v) => n + (this.vms.get(v.vm)?.allotment ?? 0), 0);
+    const diskStates = new Map<string, DiskState>();
     const measured = inputs.map((v) => {
       let activity = 0;
       let misses = 0;
@@ -206,12 +220,11 @@ export class BalloonCore {
       for (const d of v.disks) {
         const st = this.disks.get(d.id);
         const prev = st?.last;
-        // A counter that went back: a reopened disk (its counters start at 0).
-        const delta = (cur: number, old: number | undefined): number => (old === undefined ? 0 : cur >= old ? cur - old : cur);
         const h = delta(d.readHitBytes, prev?.readHitBytes);
         const m = delta(d.readMissBytes, prev?.readMissBytes);
         const w = delta(d.writtenBytes, prev?.writtenBytes);
         const win = [...(st?.window ?? []), [h + m + w, m] as [number, number]].slice(-WINDOW_TICKS);
+        diskStates.set(d.id, { last: { readHitBytes: d.readHitBytes, readMissBytes: d.readMissBytes, writtenBytes: d.writtenBytes }, window: win });
         const a = win.reduce((x, [y]) => x + y, 0);
         diskActivity.set(d.id, a);
         activity += a;
@@ -296,28 +309,14 @@ export class BalloonCore {
         disks,
       };
     });
-    return { now, capacityBytes: capLines * line, maxStepBytes: maxStep, vms };
+    return { now, capacityBytes: capLines * line, maxStepBytes: maxStep, vms, diskStates };
   }
 
   /** Makes a plan (as applied) the state: allotments, counters, activity windows. */
-  commit(plan: BalloonPlan, inputs: BalloonVmInput[]): void {
+  commit(plan: BalloonPlan): void {
     this.lastNow = plan.now;
-    const seenDisks = new Set<string>();
-    for (const v of inputs) {
-      for (const d of v.disks) {
-        seenDisks.add(d.id);
-        const st = this.disks.get(d.id);
-        const prev = st?.last;
-        const delta = (cur: number, old: number | undefined): number => (old === undefined ? 0 : cur >= old ? cur - old : cur);
-        const m = delta(d.readMissBytes, prev?.readMissBytes);
-        const a = delta(d.readHitBytes, prev?.readHitBytes) + m + delta(d.writtenBytes, prev?.writtenBytes);
-        this.disks.set(d.id, {
-          last: { readHitBytes: d.readHitBytes, readMissBytes: d.readMissBytes, writtenBytes: d.writtenBytes },
-          window: [...(st?.window ?? []), [a, m] as [number, number]].slice(-WINDOW_TICKS),
-        });
-      }
-    }
-    for (const id of [...this.disks.keys()]) if (!seenDisks.has(id)) this.disks.delete(id);
+    this.disks.clear();
+    for (const [id, st] of plan.diskStates) this.disks.set(id, st);
     const seenVms = new Set(plan.vms.map((v) => v.vm));
     for (const v of plan.vms) this.vms.set(v.vm, { allotment: v.allotmentBytes });
     for (const vm of [...this.vms.keys()]) if (!seenVms.has(vm)) this.vms.delete(vm);
@@ -358,22 +357,13 @@ export interface BalloonStatus {
   capacityBytes: number;
   /** Clock (ms since the epoch) of the last step: between two steps an allotment moves at most rate * their distance. */
   updatedAt?: number;
-  vms: Array<{
-    vm: string;
-    shares: number;
-    minBytes?: number;
-    maxBytes?: number;
-    weight: number;
-    activeFraction: number;
-    hitRatio: number;
-    activityBytesPerSec: number;
-    targetBytes: number;
-    allotmentBytes: number;
-    usedBytes: number;
-    /** Shrinking is waiting for the VM's dirty data to be written back. */
-    draining?: boolean;
-    disks: Array<{ disk: string; allotmentBytes: number; usedBytes: number }>;
-  }>;
+  vms: BalloonVmStatus[];
+}
+
+export interface BalloonVmStatus extends BalloonVmFigures {
+  /** Shrinking is waiting for the VM's dirty data to be written back. */
+  draining?: boolean;
+  disks: Array<{ disk: string; allotmentBytes: number; usedBytes: number }>;
 }
 
 export class BalloonScheduler {
@@ -507,7 +497,7 @@ export class BalloonScheduler {
     };
     apply(true);
     apply(false);
-    this.core.commit(plan, inputs);
+    this.core.commit(plan);
     this.last = plan;
     this.lastEntries = entries;
     this.logMoves(plan, hold);
@@ -540,21 +530,17 @@ export class BalloonScheduler {
       idleTax: s.idleTax,
       capacityBytes: plan?.capacityBytes ?? 0,
       ...(plan ? { updatedAt: plan.now } : {}),
-      vms: (plan?.vms ?? []).map((v) => ({
-        vm: v.vm,
-        shares: v.shares,
-        ...(v.minBytes !== undefined ? { minBytes: v.minBytes } : {}),
-        ...(v.maxBytes !== undefined ? { maxBytes: v.maxBytes } : {}),
-        weight: v.weight,
-        activeFraction: v.activeFraction,
-        hitRatio: v.hitRatio,
-        activityBytesPerSec: v.activityBytesPerSec,
-        targetBytes: v.targetBytes,
-        allotmentBytes: v.allotmentBytes,
-        usedBytes: [...v.disks.keys()].reduce((n, id) => n + (names.get(id)?.volume.stats().usedBytes ?? 0), 0),
-        ...([...v.disks.keys()].some((id) => { const h = names.get(id)?.volume; return h !== undefined && this.drains.has(h); }) ? { draining: true } : {}),
-        disks: [...v.disks].map(([id, bytes]) => ({ disk: names.get(id)?.disk ?? id, allotmentBytes: bytes, usedBytes: names.get(id)?.volume.stats().usedBytes ?? 0 })),
-      })),
+      vms: (plan?.vms ?? []).map((v): BalloonVmStatus => {
+        const disks = [...v.disks].map(([id, bytes]) => ({ e: names.get(id), id, bytes }));
+        const usedOf = (e: BalloonDiskEntry | undefined): number => e?.volume.stats().usedBytes ?? 0;
+        const { benefitCapped: _c, fromBytes: _f, disks: _d, ...figures } = v;
+        return {
+          ...figures,
+          usedBytes: disks.reduce((n, d) => n + usedOf(d.e), 0),
+          ...(disks.some((d) => d.e && this.drains.has(d.e.volume)) ? { draining: true } : {}),
+          disks: disks.map((d) => ({ disk: d.e?.disk ?? d.id, allotmentBytes: d.bytes, usedBytes: usedOf(d.e) })),
+        };
+      }),
     };
   }
 }

@@ -38,7 +38,7 @@ function run(core: BalloonCore, vms: SimVm[], capacity: number, ticks: number, f
     }
     const inp = inputs(vms);
     plan = core.plan(from + t * interval, capacity, inp);
-    core.commit(plan, inp);
+    core.commit(plan);
     for (const v of vms) {
       const a = plan.vms.find((p) => p.vm === v.vm)!.allotmentBytes;
       // A busy VM fills its allotment; any VM's used drops to its allotment (eviction).
@@ -96,7 +96,7 @@ describe('BalloonCore', () => {
       if (t === 40) vms[2]!.load = 0; // c goes idle: the movement is bounded the other way too
       const inp = inputs(vms);
       const p = core.plan(now, capacity, inp);
-      core.commit(p, inp);
+      core.commit(p);
       const bound = (s.rateBytesPerSec * Math.min(dt, 4 * s.intervalMs)) / 1000;
       for (const v of p.vms) {
         const before = prev.get(v.vm);
@@ -163,7 +163,7 @@ describe('BalloonCore', () => {
         { vm: 'miss', policy: miss.policy, disks: [{ id: 'miss/d', readHitBytes: 0, readMissBytes: miss.miss, writtenBytes: 0, usedBytes: 0 }] },
       ];
       p = core.plan(t * 1000, capacity, inp);
-      core.commit(p, inp);
+      core.commit(p);
     }
     expect(p.vms[0]!.benefitCapped).toBe(true);
     expect(p.vms[0]!.targetBytes).toBe((50 + 7) * LINE); // used + max(4, used/8) lines
@@ -208,7 +208,7 @@ describe('BalloonCore', () => {
             inp.push({ vm: `vm${i}`, policy, disks: Array.from({ length: spec.disks }, (_, d) => ({ id: `vm${i}/d${d}`, readHitBytes: c.hit, readMissBytes: c.miss, writtenBytes: c.write, usedBytes: Math.floor(l.used / spec.disks) * LINE })) });
           });
           const p = core.plan(now, cap, inp);
-          core.commit(p, inp);
+          core.commit(p);
           const sumT = p.vms.reduce((n, v) => n + v.targetBytes, 0);
           const sumA = p.vms.reduce((n, v) => n + v.allotmentBytes, 0);
           if (sumT > cap || sumA > cap) return false;
