@@ -3,10 +3,14 @@
  * that record the order of calls.
  */
 import fc from 'fast-check';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { parseConfig } from '../../../../lib/config/schema.js';
 import { CacheDevice } from '../../../../lib/block/cache/device.js';
 import { MemoryVolume } from '../../../../lib/block/memory.js';
+import { CacheHost } from '../../../../lib/block/cache/host.js';
+import { silentLogger } from '../../../../lib/log.js';
+import { tempDir } from '../../../helpers/tmp.js';
+import path from 'node:path';
 import { BalloonCore, BalloonScheduler, waterFill, type BalloonDiskEntry, type BalloonDiskHandle, type BalloonPlan, type BalloonSettings, type BalloonVmInput, type VmCachePolicy } from '../../../../lib/block/cache/balloon.js';
 
 const LINE = 64 * 1024;
@@ -398,3 +402,81 @@ describe('the allocator under concurrent fills (what ballooning leans on)', () =
     expect(a.used).toBeGreaterThan(dev.slots / 2);
   });
 });
+
+describe('CacheHost with the balloon over real write-back disks', () => {
+  it('an idle VM with dirty data is written back, then shrunk; the busy VM grows; nothing is lost; a fixed disk keeps its allotment', async () => {
+    const dir = tempDir('vstore-balloon-host-');
+    // the timer never fires (an hour): the test steps the scheduler with its own clock
+    const host = await CacheHost.open({ device: path.join(dir, 'cache.img'), size: 16 * MiB, lineSize: LINE, ramBytes: 0, balloon: { enabled: true, intervalMs: 3_600_000, rateBytesPerSec: 4 * MiB * 1000, idleTax: 0.75 } }, silentLogger());
+    const backs = { a: new MemoryVolume({ size: 64 * MiB }), c: new MemoryVolume({ size: 64 * MiB }), f: new MemoryVolume({ size: 64 * MiB }) };
+    const a = await host.openDisk('a', 'd0', 'a', backs.a, { mode: 'write-through' }, undefined, { shares: 1 });
+    const c = await host.openDisk('c', 'd0', 'c', backs.c, { mode: 'write-back' }, undefined, { shares: 4 });
+    const f = await host.openDisk('f', 'd0', 'f', backs.f, { allotmentBytes: 2 * MiB });
+    const sched = host.balloon!;
+    let now = 0;
+    const buf = Buffer.alloc(LINE);
+    let ra = 0;
+    const readSome = async (v: typeof a, n: number) => {
+      for (let i = 0; i < n; i++) await v.read(((ra++ * 7919) % 1024) * LINE, buf);
+    };
+    // both busy: a reads, c writes (dirty, write-back) and reads
+    for (let t = 0; t < 12; t++) {
+      await readSome(a, 40);
+      for (let i = 0; i < 8; i++) await c.write(((t * 8 + i) % 64) * LINE, patternOf(t * 8 + i));
+      await readSome(c, 40);
+      await sched.tick((now += 1000));
+    }
+    const busy = sched.status();
+    const cBusy = busy.vms.find((v) => v.vm === 'c')!;
+    const aBusy = busy.vms.find((v) => v.vm === 'a')!;
+    expect(busy.vms.map((v) => v.vm).sort()).toEqual(['a', 'c']); // f: fixed, not ballooned
+    expect(busy.capacityBytes).toBe(host.device.slots * LINE - 2 * MiB);
+    expect(cBusy.targetBytes).toBeGreaterThan(aBusy.targetBytes * 3);
+    expect(c.stats().dirtyBytes).toBeGreaterThan(0);
+    // c goes idle: the first shrink below what it holds drains it first
+    const order: string[] = [];
+    const drain = c.drain.bind(c);
+    const setAllotment = c.setAllotment.bind(c);
+    vi.spyOn(c, 'drain').mockImplementation(async () => {
+      order.push(`drain dirty=${c.stats().dirtyBytes > 0}`);
+      await drain();
+    });
+    vi.spyOn(c, 'setAllotment').mockImplementation((b) => {
+      const st = c.stats();
+      if (b !== undefined && b < st.usedBytes) order.push(`shrink dirty=${st.dirtyBytes > 0}`);
+      setAllotment(b);
+    });
+    for (let t = 0; t < 15; t++) {
+      await readSome(a, 60);
+      await sched.tick((now += 1000));
+    }
+    const idle = sched.status();
+    const cIdle = idle.vms.find((v) => v.vm === 'c')!;
+    expect(cIdle.allotmentBytes).toBeLessThan(cBusy.allotmentBytes);
+    expect(idle.vms.find((v) => v.vm === 'a')!.allotmentBytes).toBeGreaterThan(aBusy.allotmentBytes);
+    // (background write-back may have cleaned it first on a slow run: then no drain was needed)
+    expect(order[0] === 'drain dirty=true' || order[0] === 'shrink dirty=false').toBe(true);
+    expect(order).toContain('shrink dirty=false');
+    expect(order).not.toContain('shrink dirty=true');
+    expect(c.stats().dirtyBytes).toBe(0);
+    expect(c.stats().usedBytes).toBeLessThanOrEqual(cIdle.allotmentBytes);
+    expect(f.stats().allotmentBytes).toBe(2 * MiB);
+    // every write reached the backing volume and reads back through the cache
+    const got = Buffer.alloc(LINE);
+    for (let i = 0; i < 64; i++) {
+      const want = patternOf(Math.max(...Array.from({ length: 12 * 8 }, (_, k) => (k % 64 === i ? k : -1))));
+      await backs.c.read(i * LINE, got);
+      expect(got.equals(want), `line ${i} on the backing volume`).toBe(true);
+      await c.read(i * LINE, got);
+      expect(got.equals(want), `line ${i} through the cache`).toBe(true);
+    }
+    await a.close();
+    await c.close();
+    await f.close();
+    await host.close();
+  });
+});
+
+function patternOf(n: number): Buffer {
+  return Buffer.alloc(LINE, (n % 250) + 1);
+}
