@@ -5,9 +5,10 @@
  * opener are injected, so a test builds the registry over MemoryVolumes and fake servers, and
  * the daemon over files and the real servers.
  *
- * A disk with a vhost-user-blk socket puts one OrderedVolume over its volume and hands that to
- * every front end (NBD unix, TCP, vhost-user), so overlapping requests keep their order across
- * them and a flush from either side covers the other's completed writes.
+ * A disk with more than one front end (vhost-user-blk, or an NBD socket and the shared TCP server)
+ * puts one OrderedVolume over its volume and hands that to every front end (NBD unix, TCP,
+ * vhost-user), so overlapping requests keep their order across them and a flush from either side
+ * covers the other's completed writes.
  *
  * Mutations (add/remove of VMs and disks) run one at a time, in order: a remove that arrives
  * while the same VM is being added waits for the add to finish, and never sees half a VM.
@@ -430,7 +431,8 @@ export class VmRegistry {
     // layer sits below the ordering (lib/qos/volume.ts says why): NbdExport(Ordered(Qos(volume))).
     const below: Volume = cache ?? volume;
     const scheduled: Volume = vm.flow ? new QosVolume(below, vm.flow) : below;
-    const front: Volume = config.vhostUser ? new OrderedVolume(scheduled) : scheduled;
+    const fronts = (config.vhostUser ? 1 : 0) + (config.nbd ? 1 : 0) + (this.deps.tcpServer && config.nbd ? 1 : 0);
+    const front: Volume = fronts > 1 ? new OrderedVolume(scheduled) : scheduled;
     const disk: Disk = { vm: vm.name, config, volume, front, logger, ...(cache ? { cache } : {}) };
     let step = field('nbd.socket');
     try {

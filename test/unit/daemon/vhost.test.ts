@@ -80,6 +80,44 @@ describe('vhost-user disks in the registry', () => {
     expect(renderStatus(daemon)).toMatch(new RegExp(`${vu.socket.replace(/\./g, '\\.')}\\s+0/3\\s+8\\s+3\\s`));
   });
 
+  it('a disk on its unix socket and on the shared TCP server: both exports get one OrderedVolume (overlapping requests ordered across them)', async () => {
+    const tcp = new NbdServer({ logger: silentLogger() });
+    const tcpVolumes: Volume[] = [];
+    const add = tcp.addExport.bind(tcp);
+    tcp.addExport = (spec: NbdExportSpec) => {
+      tcpVolumes.push(spec.volume);
+      add(spec);
+    };
+    const reg = new VmRegistry({
+      logger: silentLogger(),
+      openVolume: async (d) => {
+        const v = new MemoryVolume({ size: 1024 * 1024 });
+        opened.set(d.file, v);
+        return v;
+      },
+      createServer: (o) => {
+        const s = new NbdServer(o);
+        const addUnix = s.addExport.bind(s);
+        s.addExport = (spec: NbdExportSpec) => {
+          nbdVolumes.push(spec.volume);
+          addUnix(spec);
+        };
+        return s;
+      },
+      tcpServer: tcp,
+    });
+    try {
+      await reg.addVm(parseVm({ name: 'vm', disks: [{ name: 'd', file: 'd.img' }] }, ctx));
+      expect(nbdVolumes).toHaveLength(1);
+      expect(nbdVolumes[0]).toBeInstanceOf(OrderedVolume);
+      expect((nbdVolumes[0] as OrderedVolume).below).toBe(opened.get(path.join(dir, 'd.img')));
+      expect(tcpVolumes).toEqual(nbdVolumes);
+    } finally {
+      await reg.closeAll();
+      await tcp.close();
+    }
+  });
+
   it('an NBD-only disk keeps its plain volume and gets no vhost-user server or columns', async () => {
     await registry.addVm(parseVm({ name: 'vm', disks: [{ name: 'd', file: 'd.img' }] }, ctx));
     expect(vhosts).toHaveLength(0);
