@@ -144,6 +144,8 @@ describe('cache balloon scheduler through vstore serve, under fio', () => {
       expect(cli.stdout).toMatch(/\nc\s+4\s+-\s+-\s+\d/);
       const json = JSON.parse((await run(process.execPath, [VSTORE_BIN, 'status', '--json', '--control', control], { timeoutMs: 30_000 })).stdout) as { cache: { balloon: BalloonStatus } };
       expect(json.cache.balloon.vms.map((v) => [v.vm, v.shares])).toEqual([['a', 1], ['b', 2], ['c', 4]]);
+      const cb = await run(process.execPath, [VSTORE_BIN, 'cache', 'balloon', '--control', control], { timeoutMs: 30_000 });
+      expect(cb.stdout).toMatch(/\nb\s+2\s+-\s+-\s+\d/);
       const metrics = await getText(control, '/metrics');
       expect(metrics).toMatch(/vstore_cache_target_bytes\{vm="c"\} \d+/);
       expect(metrics).toMatch(/vstore_cache_allotment_bytes\{vm="a"\} \d+/);

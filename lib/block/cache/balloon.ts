@@ -485,18 +485,8 @@ export class BalloonScheduler {
       if (hold.size) plan = this.core.plan(now, capacity, inputs, hold);
     }
     if (this.stopped) return plan;
-    // Lower allotments first, then raise: the device is never promised twice.
-    const apply = (lower: boolean): void => {
-      for (const v of plan.vms) {
-        for (const [id, bytes] of v.disks) {
-          const e = handles.get(id)!;
-          const cur = this.last?.vms.find((p) => p.vm === v.vm)?.disks.get(id);
-          if ((cur === undefined || bytes < cur) === lower) e.volume.setAllotment(bytes);
-        }
-      }
-    };
-    apply(true);
-    apply(false);
+    // One synchronous pass: no allocation runs between these calls, so the order does not matter.
+    for (const v of plan.vms) for (const [id, bytes] of v.disks) handles.get(id)!.volume.setAllotment(bytes);
     this.core.commit(plan);
     this.last = plan;
     this.lastEntries = entries;

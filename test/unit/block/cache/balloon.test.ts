@@ -282,12 +282,14 @@ describe('BalloonScheduler (driver)', () => {
       { vm: 'c', disk: 'd', volume: disks.c },
       { vm: 'f', disk: 'd', volume: disks.f, fixedBytes: 100 * LINE }, // a fixed allotment: left alone
     ];
-    const sched = new BalloonScheduler({ capacityBytes: () => 600 * LINE, disks: () => entries, policy: (vm) => policies[vm] ?? { shares: 1 } }, settings({ rateBytesPerSec: 1024 * MiB, intervalMs: 100 }), LINE, undefined, 50);
-    return { log, disks, sched };
+    const logged: Array<Record<string, unknown>> = [];
+    const logger = { info: (o: Record<string, unknown>) => logged.push(o), warn: () => {}, debug: () => {} };
+    const sched = new BalloonScheduler({ capacityBytes: () => 600 * LINE, disks: () => entries, policy: (vm) => policies[vm] ?? { shares: 1 } }, settings({ rateBytesPerSec: 1024 * MiB, intervalMs: 100 }), LINE, logger as never, 50);
+    return { log, disks, sched, logged };
   }
 
   it('writes back the dirty lines of a VM before lowering its allotment below what it holds', async () => {
-    const { log, disks, sched } = setup(0);
+    const { log, disks, sched, logged } = setup(0);
     let now = 0;
     const busy = (d: FakeDisk) => {
       d.miss += 100 * MiB;
@@ -317,6 +319,12 @@ describe('BalloonScheduler (driver)', () => {
     expect(log.some((l) => l.endsWith('DIRTY'))).toBe(false);
     expect(disks.c.allotment!).toBeLessThan(400 * LINE);
     expect(disks.a.allotment!).toBeGreaterThan(100 * LINE);
+    // a structured line when targets move, not one per tick (17 ticks)
+    expect(logged.length).toBeGreaterThan(0);
+    expect(logged.length).toBeLessThan(10);
+    // moves under max(a line, 1% of the device) are not logged: the first line stays near 1:4
+    expect(Math.abs((logged[0]!.targets as Record<string, { targetBytes: number }>).c!.targetBytes - 400 * LINE)).toBeLessThanOrEqual(5 * LINE);
+    expect(logged[0]).toMatchObject({ capacityBytes: 500 * LINE });
   });
 
   it('while the write-back runs, the VM keeps its allotment and nobody grows into it', async () => {
