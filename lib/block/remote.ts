@@ -501,18 +501,26 @@ export class RemoteVolume extends EventEmitter implements Volume {
         path.succeeded(performance.now() - t0, kind, bytes);
         return v;
       } catch (e) {
-        const err = toVolumeError(e);
-        // The connection is gone: the path failed, not the request (the node never answered it).
-        const transport = !c.ready;
-        path.failed(transport, err.message);
-        if (!transport || this.closed) throw err;
-        path.failovers++;
-        this.failovers++;
+        last = this.failOver(c, path, e);
         (tried ??= new Set()).add(path);
-        last = err;
-        this.log.debug({ path: path.id, err: err.message }, 'remote: request failed over to another path');
       }
     }
+  }
+
+  /**
+   * Accounts a failed attempt on its path and returns the error to go on with when the request
+   * may be retried on another path; throws it when not (the server answered it, or closed).
+   */
+  private failOver(c: NbdClientConnection, path: Path, e: unknown): VolumeError {
+    const err = toVolumeError(e);
+    // The connection is gone: the path failed, not the request (the node never answered it).
+    const transport = !c.ready;
+    path.failed(transport, err.message);
+    if (!transport || this.closed) throw err;
+    path.failovers++;
+    this.failovers++;
+    this.log.debug({ path: path.id, err: err.message }, 'remote: request failed over to another path');
+    return err;
   }
 
   /**
@@ -529,16 +537,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     path.begin();
     return fn(c).then(
       () => path.succeeded(performance.now() - t0, kind, bytes),
-      (e: unknown) => {
-        const err = toVolumeError(e);
-        const transport = !c.ready;
-        path.failed(transport, err.message);
-        if (!transport || this.closed) throw err;
-        path.failovers++;
-        this.failovers++;
-        this.log.debug({ path: path.id, err: err.message }, 'remote: request failed over to another path');
-        return this.call(fn, kind, bytes, new Set([path]), err);
-      },
+      (e: unknown) => this.call(fn, kind, bytes, new Set([path]), this.failOver(c, path, e)),
     );
   }
 
