@@ -27,7 +27,7 @@
  * short-circuit for such a volume (checked on the node's own descriptor, /proc/self/fdinfo).
  */
 import { chmod } from 'node:fs/promises';
-import { closeSync, constants as FS, openSync, readFileSync } from 'node:fs';
+import { closeSync, constants as FS, openSync, readFileSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../log.js';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
@@ -156,6 +156,7 @@ export class ShortCircuitServer {
       /* already closed */
     }
     for (const c of [...this.conns]) this.end(c);
+    rmSync(this.path, { force: true }); // a clean stop leaves no socket behind, as the NBD sockets
   }
 
   private onAcceptable(): void {

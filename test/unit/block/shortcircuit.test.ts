@@ -2,7 +2,7 @@
  * Short-circuit local reads, in process: a real StorageNode (unix NBD socket + its `.sc` socket),
  * RemoteVolume / ReplicatedVolume over it, and ShortCircuitServer alone for the refusals.
  */
-import { openSync, closeSync, constants as FS, writeFileSync, writeSync } from 'node:fs';
+import { existsSync, openSync, closeSync, constants as FS, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RemoteVolume } from '../../../lib/block/remote.js';
@@ -63,6 +63,11 @@ describe('short-circuit reads (RemoteVolume over a StorageNode on this host)', (
       expect(buf.equals(data)).toBe(true);
     }
     expect(v.shortCircuitStatus().reads).toBe(100);
+    // A clean stop ends the lease and leaves no socket behind.
+    expect(existsSync(`${sock}.sc`)).toBe(true);
+    await n.stop();
+    expect(existsSync(`${sock}.sc`)).toBe(false);
+    await until('dropped', () => !v.shortCircuitStatus().active);
   });
 
   it('grow and delete end the lease before the file changes; a new descriptor carries a new generation', async () => {
