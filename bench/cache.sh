@@ -3,24 +3,34 @@
 # plugin behind its delay filter (1 ms per read and write), registered in an embedded resolver
 # as a static node; the daemon serves it as a 1-replica volume through a cache layer on a local
 # cache device. fio (nbd engine, unix socket) runs the same jobs against:
-#   local      vstore serve, a disk on a local image (no cache): the target
+#   local      vstore serve, a disk on a local image (cache layer in pass-through): the target
 #   remote     the delayed nbdkit directly (the bare remote)
 #   vcache     vstore serve, the volume on the delayed remote, cached (write-back)
 #   nbdkit     nbdkit's cache filter (cache-on-read=true) over the same delayed remote
 # Jobs: 4k random reads QD$IODEPTH over a $REGION_MIB MiB region that touch every block once
-# (cold: the first pass after start; warm: the second pass), and 4k random writes (write-back
-# against local). Prints IOPS and mean completion latency, and the ratios the issue asks for:
-# warm vcache / local (goal >= 0.9), cold vcache / remote (goal >= 1.0), write vcache / local
-# (goal >= 0.9), beside nbdkit's.
+# (cold: the first pass over the region; warm: the second pass), and 4k random writes
+# (write-back against local). Every round uses a fresh region (round r: [r-1, r) x REGION), so
+# each round has a true cold pass; inside a round the subjects alternate job by job (remote,
+# vcache cold, local, vcache warm, nbdkit cold and warm, local write, vcache write), so that
+# load from other processes on the machine hits both sides of each ratio alike. After the
+# write jobs the cache is flushed (`vstore cache flush`): the next round starts without
+# write-back in the background. Prints IOPS and mean completion latency per round, and the
+# ratios the issue asks for per round and their median: warm vcache / local (goal >= 0.9),
+# cold vcache / remote (goal >= 1.0), write vcache / local (goal >= 0.9), beside nbdkit's.
 #
-#   bash bench/cache.sh                    # needs `npm run build` first
-#   REGION_MIB=64 IODEPTH=16 bash bench/cache.sh
+#   bash bench/cache.sh                    # needs `npm run build` first; 3 rounds
+#   REGION_MIB=64 IODEPTH=16 ROUNDS=1 bash bench/cache.sh
+#   VSTORE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" ROUNDS=1 bash bench/cache.sh
+#       profiles the daemon; $OUT/times.txt has each job's CLOCK_MONOTONIC window (ms), which
+#       `node bench/cpuprof-slice.mjs PROFILE $OUT/times.txt` uses to print where each job's
+#       time went
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 REGION_MIB=${REGION_MIB:-128}
 IODEPTH=${IODEPTH:-16}
 DELAY=${DELAY:-1ms}
+ROUNDS=${ROUNDS:-3}
 OUT=${OUT:-$ROOT/bench/out-cache}
 WORK=${BENCH_DIR:-${TMPDIR:-/tmp}/vstore-bench-cache}
 VSTORE="node $ROOT/bin/vstore.js"
@@ -31,15 +41,18 @@ done
 [ -f "$ROOT/dist/lib/cli/index.js" ] || { echo "bench: vstore is not built: npm run build" >&2; exit 1; }
 
 PIDS=()
+DAEMON=
 cleanup() {
-  # the daemon first (it writes its dirty cache back to the remote), the remote last
+  # the daemon first (it writes its dirty cache back to the remote; SIGTERM lets --cpu-prof
+  # write its profile), the remote last
+  if [ -n "$DAEMON" ]; then kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true; fi
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill "${PIDS[$i]}" 2>/dev/null || true; wait "${PIDS[$i]}" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
 rm -rf "$WORK" && mkdir -p "$WORK/run" "$OUT"
-rm -f "$OUT"/*.json
-SIZE_MIB=$((REGION_MIB * 2))
+rm -f "$OUT"/*.json "$OUT/times.txt"
+SIZE_MIB=$((REGION_MIB * (ROUNDS > 1 ? ROUNDS : 2)))
 echo "bench: preparing two ${SIZE_MIB} MiB images (remote and local)" >&2
 for img in remote local; do
   fio --name=prep --filename="$WORK/$img.img" --rw=write --bs=1M --size="${SIZE_MIB}M" --ioengine=psync \
@@ -52,64 +65,91 @@ waitsock() { for _ in $(seq 1 300); do [ -S "$1" ] && return 0; sleep 0.1; done;
 # The delayed remote, and nbdkit's cache filter over it.
 nbdkit -f -U "$WORK/remote.sock" --filter=delay file "$WORK/remote.img" rdelay="$DELAY" wdelay="$DELAY" & PIDS+=($!)
 waitsock "$WORK/remote.sock"
-start_nbdkit_cache() {
-  nbdkit -f -U "$WORK/nbdkit-cache.sock" --filter=cache nbd socket="$WORK/remote.sock" cache=writeback cache-on-read=true & PIDS+=($!)
-  waitsock "$WORK/nbdkit-cache.sock"
-}
+nbdkit -f -U "$WORK/nbdkit-cache.sock" --filter=cache nbd socket="$WORK/remote.sock" cache=writeback cache-on-read=true & PIDS+=($!)
+waitsock "$WORK/nbdkit-cache.sock"
 
 # The resolver: the delayed nbdkit as a static node, the volume pinned to it.
 STORE="file:$WORK/resolver.json"
 $VSTORE resolver node add remote --nbd "unix:$WORK/remote.sock" --resolver "$STORE" >/dev/null
 $VSTORE resolver place bench/d0 --size "${SIZE_MIB}M" --on remote --resolver "$STORE" >/dev/null
 
+# Room for every round's region read and written (a written line takes a second slot) plus metadata.
 cat > "$WORK/config.json" <<JSON
 { "runDir": "$WORK/run", "control": "$WORK/run/control.sock",
   "resolver": { "store": "$WORK/resolver.json" },
-  "cache": { "device": "$WORK/cache.img", "size": "$((REGION_MIB * 4))M", "lineSize": "64K" },
+  "cache": { "device": "$WORK/cache.img", "size": "$((SIZE_MIB * 2 + REGION_MIB))M", "lineSize": "64K" },
   "vms": [ { "name": "vm", "disks": [
     { "name": "local", "file": "$WORK/local.img", "cache": { "mode": "pass-through" } },
     { "name": "d0", "volume": { "name": "bench/d0", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "write-back" } } ] } ] }
 JSON
-$VSTORE serve -c "$WORK/config.json" --log-level warn 2>"$WORK/daemon.log" & PIDS+=($!)
+# shellcheck disable=SC2086
+node ${VSTORE_NODE_ARGS:-} "$ROOT/bin/vstore.js" serve -c "$WORK/config.json" --log-level warn 2>"$WORK/daemon.log" & DAEMON=$!
 waitsock "$WORK/run/control.sock"
 
 uri() { echo "nbd+unix:///?socket=$1"; }
-# one pass over the region: every 4k block once, in random order
-job() { # name uri rw
-  fio --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs=4k --size="${REGION_MIB}M" --iodepth="$IODEPTH" \
-      --norandommap=0 --randrepeat=1 --output-format=json --output="$OUT/$1.json" >/dev/null 2>>"$WORK/fio.log"
+mono_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+# one pass over round r's region: every 4k block once, in random order
+job() { # name uri rw round
+  local off=$((($4 - 1) * REGION_MIB)) t0
+  echo "bench: round $4: $1" >&2
+  t0=$(mono_ms)
+  fio --name="$1" --ioengine=nbd --uri="$2" --rw="$3" --bs=4k --offset="${off}M" --size="${REGION_MIB}M" --iodepth="$IODEPTH" \
+      --norandommap=0 --randrepeat=1 --output-format=json --output="$OUT/$1-r$4.json" >/dev/null 2>>"$WORK/fio.log"
+  echo "$1-r$4 $t0 $(mono_ms)" >>"$OUT/times.txt"
 }
+LOCAL=$(uri "$WORK/run/vm-local.sock"); D0=$(uri "$WORK/run/vm-d0.sock")
 
-echo "bench: local" >&2;           job local-read "$(uri "$WORK/run/vm-local.sock")" randread
-echo "bench: remote" >&2;          job remote-read "$(uri "$WORK/remote.sock")" randread
-echo "bench: vstore cold" >&2;     job vcache-cold "$(uri "$WORK/run/vm-d0.sock")" randread
-sleep 2 # background fills of the cold pass land
-echo "bench: vstore warm" >&2;     job vcache-warm "$(uri "$WORK/run/vm-d0.sock")" randread
-start_nbdkit_cache
-echo "bench: nbdkit cold" >&2;     job nbdkit-cold "$(uri "$WORK/nbdkit-cache.sock")" randread
-echo "bench: nbdkit warm" >&2;     job nbdkit-warm "$(uri "$WORK/nbdkit-cache.sock")" randread
-echo "bench: writes" >&2
-job local-write "$(uri "$WORK/run/vm-local.sock")" randwrite
-job vcache-write "$(uri "$WORK/run/vm-d0.sock")" randwrite
+# warm up the daemon's JIT and the local image's page cache (not recorded)
+fio --name=warmup --ioengine=nbd --uri="$LOCAL" --rw=randread --bs=4k --size="${REGION_MIB}M" --iodepth="$IODEPTH" \
+    --runtime=2 --time_based --output=/dev/null >/dev/null 2>>"$WORK/fio.log"
+for r in $(seq 1 "$ROUNDS"); do
+  job remote-read "$(uri "$WORK/remote.sock")" randread "$r"
+  job vcache-cold "$D0" randread "$r"
+  sleep 1 # background fills of the cold pass land
+  job local-read "$LOCAL" randread "$r"
+  job vcache-warm "$D0" randread "$r"
+  job nbdkit-cold "$(uri "$WORK/nbdkit-cache.sock")" randread "$r"
+  job nbdkit-warm "$(uri "$WORK/nbdkit-cache.sock")" randread "$r"
+  job local-write "$LOCAL" randwrite "$r"
+  job vcache-write "$D0" randwrite "$r"
+  $VSTORE cache flush vm/d0 --control "$WORK/run/control.sock" >/dev/null 2>&1 || true
+done
 $VSTORE cache stats --control "$WORK/run/control.sock" >"$OUT/cache-stats.txt" || true
-$VSTORE cache flush vm/d0 --control "$WORK/run/control.sock" >/dev/null 2>&1 || true
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/load.txt"
 
-node - "$OUT" <<'NODE'
+node - "$OUT" "$ROUNDS" <<'NODE'
 const fs = require('fs');
-const dir = process.argv[2];
+const [dir, roundsArg] = process.argv.slice(2);
+const rounds = Number(roundsArg);
 const r = {};
-for (const f of fs.readdirSync(dir).filter((f) => f.endsWith('.json'))) {
+for (const f of fs.readdirSync(dir).filter((f) => /-r\d+\.json$/.test(f))) {
   const j = JSON.parse(fs.readFileSync(`${dir}/${f}`, 'utf8')).jobs[0];
   const s = j.read.io_bytes > 0 ? j.read : j.write;
   r[f.replace('.json', '')] = { iops: s.iops, latUs: s.clat_ns.mean / 1000 };
 }
-const row = (k) => (r[k] ? `| ${k.padEnd(13)} | ${Math.round(r[k].iops).toString().padStart(8)} | ${r[k].latUs.toFixed(1).padStart(10)} |` : `| ${k} | - | - |`);
-console.log('| job           |     IOPS | mean lat us |');
-console.log('|---|---|---|');
-for (const k of ['local-read', 'remote-read', 'vcache-cold', 'vcache-warm', 'nbdkit-cold', 'nbdkit-warm', 'local-write', 'vcache-write']) console.log(row(k));
-const ratio = (a, b) => (r[a] && r[b] ? (r[a].iops / r[b].iops).toFixed(2) : '-');
+const jobs = ['local-read', 'remote-read', 'vcache-cold', 'vcache-warm', 'nbdkit-cold', 'nbdkit-warm', 'local-write', 'vcache-write'];
+const cell = (k) => (r[k] ? `${Math.round(r[k].iops)} (${r[k].latUs.toFixed(0)})` : '-');
+console.log(`| job (IOPS, mean lat us) | ${Array.from({ length: rounds }, (_, i) => `round ${i + 1}`).join(' | ')} |`);
+console.log(`|---|${'---|'.repeat(rounds)}`);
+for (const k of jobs) console.log(`| ${k} | ${Array.from({ length: rounds }, (_, i) => cell(`${k}-r${i + 1}`)).join(' | ')} |`);
+const ratio = (a, b, i) => (r[`${a}-r${i}`] && r[`${b}-r${i}`] ? r[`${a}-r${i}`].iops / r[`${b}-r${i}`].iops : NaN);
+const median = (xs) => {
+  const v = xs.filter((x) => !Number.isNaN(x)).sort((a, b) => a - b);
+  if (!v.length) return NaN;
+  const m = v.length >> 1;
+  return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+};
+const line = (label, a, b, goal) => {
+  const per = Array.from({ length: rounds }, (_, i) => ratio(a, b, i + 1));
+  return `| ${label} | ${per.map((x) => x.toFixed(2)).join(' / ')} | ${median(per).toFixed(2)}x | ${goal} |`;
+};
 console.log('');
-console.log(`warm read / local:   vstore ${ratio('vcache-warm', 'local-read')}x   nbdkit ${ratio('nbdkit-warm', 'local-read')}x   (goal >= 0.9)`);
-console.log(`cold read / remote:  vstore ${ratio('vcache-cold', 'remote-read')}x   nbdkit ${ratio('nbdkit-cold', 'remote-read')}x   (goal >= 1.0)`);
-console.log(`write-back / local:  vstore ${ratio('vcache-write', 'local-write')}x   (goal >= 0.9)`);
+console.log('| ratio | per round | median | goal |');
+console.log('|---|---|---|---|');
+console.log(line('vstore warm read / local', 'vcache-warm', 'local-read', '>= 0.9'));
+console.log(line('vstore cold read / bare remote', 'vcache-cold', 'remote-read', '>= 1.0'));
+console.log(line('vstore write-back write / local', 'vcache-write', 'local-write', '>= 0.9'));
+console.log(line('nbdkit warm read / local', 'nbdkit-warm', 'local-read', '-'));
+console.log(line('nbdkit cold read / bare remote', 'nbdkit-cold', 'remote-read', '-'));
 NODE
+cat "$OUT/load.txt"

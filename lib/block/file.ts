@@ -242,17 +242,7 @@ export class FileVolume implements Volume {
       // each inline write is timed, and one that stalled (dirty-page throttling, block
       // allocation waiting on the journal) sends writes back to the thread pool for a while.
       // The worst case is one stall of the event loop per INLINE_BACKOFF_MS.
-      if (this.inlineWrites && len <= INLINE_WRITE_MAX) {
-        const t0 = performance.now();
-        if (t0 >= this.inlineResumeAt) {
-          done = writeSync(this.fd, buf, 0, len, offset);
-          const t1 = performance.now();
-          if (t1 - t0 > INLINE_STALL_MS) {
-            this.inlineStalls++;
-            this.inlineResumeAt = t1 + INLINE_BACKOFF_MS;
-          }
-        }
-      }
+      if (this.inlineWrites && len <= INLINE_WRITE_MAX) done = this.inlineWrite(offset, buf);
       while (done < len) {
         const { bytesWritten } = await this.writeOnce(buf, done, len - done, offset + done);
         done += bytesWritten;
@@ -261,6 +251,49 @@ export class FileVolume implements Volume {
     } catch (e) {
       throw toVolumeError(e);
     }
+  }
+
+  /**
+   * The page-cache read of `read` alone, completed in this turn or not at all: true when all of
+   * `buf` came from the page cache now (preadv2 RWF_NOWAIT), false when the caller must use
+   * read() (not cached, cached in part, too large, O_DIRECT, no addon). For callers whose
+   * correctness rests on nothing else running between their check and the copy (the cache
+   * device's lock-free hits, lib/block/cache/volume.ts).
+   */
+  readCachedSync(offset: number, buf: Buffer): boolean {
+    if (!this.nowait || buf.length > NOWAIT_MAX) return false;
+    try {
+      return this.addon!.readNowait(this.fd, buf, offset) === buf.length;
+    } catch {
+      return false; // read() says what went wrong
+    }
+  }
+
+  /**
+   * The inline write of `write` alone, completed in this turn or not at all: true when all of
+   * `buf` went into the page cache now, false when the caller must use write() (too large,
+   * O_DIRECT, inline writes backed off after a stall, a short write). Errors throw (VolumeError).
+   */
+  writeInlineSync(offset: number, buf: Buffer): boolean {
+    if (this.readOnly || !this.inlineWrites || buf.length > INLINE_WRITE_MAX) return false;
+    try {
+      return this.inlineWrite(offset, buf) === buf.length;
+    } catch (e) {
+      throw toVolumeError(e);
+    }
+  }
+
+  /** One timed writeSync (see `write`); bytes written, 0 while backed off after a stall. */
+  private inlineWrite(offset: number, buf: Buffer): number {
+    const t0 = performance.now();
+    if (t0 < this.inlineResumeAt) return 0;
+    const done = writeSync(this.fd, buf, 0, buf.length, offset);
+    const t1 = performance.now();
+    if (t1 - t0 > INLINE_STALL_MS) {
+      this.inlineStalls++;
+      this.inlineResumeAt = t1 + INLINE_BACKOFF_MS;
+    }
+    return done;
   }
 
   async flush(): Promise<void> {

@@ -68,3 +68,25 @@ export function runs(b: Bitmap, from: number, to: number, set = true): Array<[nu
   if (start >= 0) out.push([start, to]);
   return out;
 }
+
+/**
+ * How bits [from, to) of the bitmap at word `off` of `b` are set: 1 all, -1 none, 0 some. Works
+ * on the big array with an offset (no subarray per call: this runs once per slot on every cache
+ * hit) and a word at a time.
+ */
+export function coverage(b: Bitmap, off: number, from: number, to: number): 1 | 0 | -1 {
+  let all = true;
+  let any = false;
+  for (let i = from; i < to; ) {
+    const w = i >>> 5;
+    const lo = i & 31;
+    const hi = Math.min(32, to - (w << 5));
+    const mask = hi - lo === 32 ? 0xffffffff : ((1 << (hi - lo)) - 1) << lo;
+    const bits = (b[off + w]! & mask) >>> 0;
+    if (bits !== 0) any = true;
+    if (bits !== mask >>> 0) all = false;
+    if (any && !all) return 0;
+    i = (w + 1) << 5;
+  }
+  return all ? 1 : any ? 0 : -1;
+}

@@ -70,6 +70,12 @@ export interface DiskMeta {
   evict?: (want: number) => number;
 }
 
+/** Page-cache I/O completed in the calling turn or not at all (FileVolume has both). */
+export interface SyncIo {
+  readCachedSync?(offset: number, buf: Buffer): boolean;
+  writeInlineSync?(offset: number, buf: Buffer): boolean;
+}
+
 export interface CacheDeviceOptions {
   /** Line size for a fresh format (a power of two, 4 KiB..1 MiB); an existing device keeps its own. */
   lineSize?: number;
@@ -126,9 +132,13 @@ export class CacheDevice {
   private readonly evictBatch: number;
   private readonly logger: CacheDeviceOptions['logger'];
   private waiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = [];
+  /** The storage's synchronous page-cache paths (FileVolume), when it has them. */
+  private readonly syncIo: SyncIo | undefined;
 
   private constructor(readonly storage: Volume, sb: Superblock, opts: CacheDeviceOptions) {
     this.sb = sb;
+    const io = storage as Volume & SyncIo;
+    this.syncIo = typeof io.readCachedSync === 'function' || typeof io.writeInlineSync === 'function' ? io : undefined;
     this.lineSize = sb.lineSize;
     this.sectorsPerLine = sb.lineSize / SECTOR;
     this.slots = sb.slots;
@@ -371,22 +381,8 @@ export class CacheDevice {
    */
   async allocate(d: DiskMeta, line: number, epoch: number): Promise<number | null> {
     for (let attempt = 0; attempt < 3; attempt++) {
-      this.check();
-      if (d.used < d.allotment && this.free.length > 0) {
-        const s = this.free.pop()!;
-        this.slotDisk[s] = d.id;
-        this.slotLine[s] = line;
-        this.slotEpoch[s] = epoch;
-        this.slotValid(s).fill(0);
-        d.used++;
-        let arr = d.lines.get(line);
-        if (!arr) d.lines.set(line, (arr = []));
-        let i = arr.length;
-        while (i > 0 && this.slotEpoch[arr[i - 1]!]! > epoch) i--;
-        arr.splice(i, 0, s);
-        this.mark(s);
-        return s;
-      }
+      const now = this.allocateNow(d, line, epoch);
+      if (now >= 0) return now;
       // Make room: evict a batch, then commit so that the freed slots may be reused. A disk at
       // its allotment evicts its own; otherwise a batch already waiting for the commit serves
       // this caller too: concurrent fills each evicting a batch emptied the whole device (seen
@@ -400,6 +396,29 @@ export class CacheDevice {
       await this.commit();
     }
     return null;
+  }
+
+  /**
+   * allocate() without waiting: a free slot when one is at hand within the disk's allotment,
+   * else -1 (the caller then uses allocate(), which may evict and commit). Throws when the
+   * device failed.
+   */
+  allocateNow(d: DiskMeta, line: number, epoch: number): number {
+    this.check();
+    if (d.used >= d.allotment || this.free.length === 0) return -1;
+    const s = this.free.pop()!;
+    this.slotDisk[s] = d.id;
+    this.slotLine[s] = line;
+    this.slotEpoch[s] = epoch;
+    this.valid.fill(0, s * this.words, (s + 1) * this.words);
+    d.used++;
+    let arr = d.lines.get(line);
+    if (!arr) d.lines.set(line, (arr = []));
+    let i = arr.length;
+    while (i > 0 && this.slotEpoch[arr[i - 1]!]! > epoch) i--;
+    arr.splice(i, 0, s);
+    this.mark(s);
+    return s;
   }
 
   /** The disk holding the most slots relative to its allotment (the one to take space from). */
@@ -466,6 +485,32 @@ export class CacheDevice {
     } catch (e) {
       throw this.fail(e);
     }
+  }
+
+  /**
+   * readData completed in this turn, or false (the caller then uses readData): a page-cache hit
+   * copied with RWF_NOWAIT where the storage offers it (FileVolume.readCachedSync). Lets a
+   * cache hit skip the line lock (CacheVolume.readLine says why that is safe).
+   */
+  readDataSync(s: number, at: number, buf: Buffer): boolean {
+    return this.syncIo?.readCachedSync?.(this.offsetOf(s, 0) + at, buf) ?? false;
+  }
+
+  /**
+   * writeData completed in this turn (into the page cache; durable at the next commit like any
+   * slot write), or false (the caller then uses writeData). Throws like writeData.
+   */
+  writeDataSync(s: number, at: number, buf: Buffer): boolean {
+    this.check();
+    if (!this.syncIo?.writeInlineSync) return false;
+    let done: boolean;
+    try {
+      done = this.syncIo.writeInlineSync(this.offsetOf(s, 0) + at, buf);
+    } catch (e) {
+      throw this.fail(e);
+    }
+    if (done) this.dataDirty = true;
+    return done;
   }
 
   /** Writes `buf` into slot s at byte `at` of its line. */

@@ -42,7 +42,7 @@ import { LRUCache } from 'lru-cache';
 import type { Logger } from 'pino';
 import { toVolumeError, VolumeError } from '../errors.js';
 import type { BlockLimits, Extent, Volume, VolumeCapabilities, WriteOptions, ZeroOptions } from '../volume.js';
-import { allSet, anySet, runs, setRange, test } from './bitmap.js';
+import { allSet, anySet, coverage, runs, setRange, test } from './bitmap.js';
 import { SECTOR, type CacheDevice, type DiskMeta } from './device.js';
 import { TwoQueue } from './twoq.js';
 
@@ -250,6 +250,8 @@ export class CacheVolume implements Volume {
   // ------------------------------------------------------------------------------ read
 
   async read(offset: number, buf: Buffer): Promise<void> {
+    // A hit within one line is answered in this turn: no lock, no promise layers (hitLine).
+    if (this.hitNow(offset, buf)) return;
     this.foreground++;
     try {
       await this.orDegrade(async () => {
@@ -278,20 +280,43 @@ export class CacheVolume implements Volume {
     }
   }
 
-  private async readLine(line: number, at: number, view: Buffer): Promise<void> {
+  /** hitLine for a request within one line (read's fast path); false: take the general path. */
+  private hitNow(offset: number, buf: Buffer): boolean {
+    if (buf.length === 0 || !this.cached('read')) return false;
+    const line = Math.floor(offset / this.lineSize);
+    const at = offset - line * this.lineSize;
+    if (at + buf.length > this.lineSize || !this.hitLine(line, at, buf)) return false;
+    this.readahead(offset, buf.length);
+    return true;
+  }
+
+  /** The piece is served now from the RAM tier or the device (hitSync); false: it was not. */
+  private hitLine(line: number, at: number, view: Buffer): boolean {
     const s0 = Math.floor(at / SECTOR);
     const s1 = Math.ceil((at + view.length) / SECTOR);
-    const key = `${this.meta.id}:${line}`;
-    const r = this.ram?.get(key);
+    const r = this.ram?.get(`${this.meta.id}:${line}`);
     if (r && allSet(r.valid, s0, s1)) {
       r.data.copy(view, 0, at, at + view.length); // a copy out of the RAM tier is what a hit is
       this.st.ramHit += view.length;
-      this.st.readHit += view.length;
-      this.q.touch(line);
-      return;
+    } else if (!this.hitSync(line, at, view, s0, s1)) {
+      return false;
     }
+    this.st.readHit += view.length;
+    this.q.touch(line);
+    return true;
+  }
+
+  private async readLine(line: number, at: number, view: Buffer): Promise<void> {
+    if (this.hitLine(line, at, view)) return;
+    const s0 = Math.floor(at / SECTOR);
+    const s1 = Math.ceil((at + view.length) / SECTOR);
+    const key = this.ram ? `${this.meta.id}:${line}` : '';
+    // A plain miss (no slot holds any of the sectors) on a line nobody holds needs no lock
+    // either: the check and the fill guard are taken in this turn (as hitSync argues), and
+    // the backing read never held the lock anyway.
+    if (!this.locks.has(line) && this.noneCached(line, s0, s1)) return this.missLine(line, at, view);
     const base = line * this.lineSize;
-    let missed: Array<[number, number]> = [];
+    const missed: Array<[number, number]> = [];
     let gen = 0;
     await this.withLine(line, async () => {
       const slots = this.meta.lines.get(line);
@@ -311,13 +336,8 @@ export class CacheVolume implements Volume {
         if (last && last[2] === src) last[1] = s + 1;
         else runs.push([s, s + 1, src]);
       }
-      if (runs.some((r) => r[2] < 0)) {
-        // Registered before the backing read: a write to the line from now on cancels the fill.
-        const g = this.fillGuard.get(line);
-        if (g) g.pending++;
-        else this.fillGuard.set(line, { gen: 0, pending: 1 });
-        gen = this.fillGuard.get(line)!.gen;
-      }
+      // Registered before the backing read: a write to the line from now on cancels the fill.
+      if (runs.some((r) => r[2] < 0)) gen = this.guard(line);
       const io: Promise<void>[] = [];
       let hit = 0;
       for (const [a, b, src] of runs) {
@@ -351,25 +371,103 @@ export class CacheVolume implements Volume {
         throw e;
       }
     }
-    if (missed.length === 0 || this.modeNow === 'pass-through') {
-      if (missed.length) this.unguard(line);
+    if (missed.length === 0) return;
+    this.fillAfterRead(line, gen, missed.map(([from, to]) => ({ from, data: view.subarray(from - at, to - at) })));
+  }
+
+  /** True when no slot of the line holds any sector of [s0, s1). */
+  private noneCached(line: number, s0: number, s1: number): boolean {
+    const slots = this.meta.lines.get(line);
+    if (!slots) return true;
+    for (const sl of slots) if (coverage(this.device.valid, sl * this.device.words, s0, s1) !== -1) return false;
+    return true;
+  }
+
+  /** A piece no slot holds: one backing read, then the fill (noneCached, checked by the caller in this turn). */
+  private async missLine(line: number, at: number, view: Buffer): Promise<void> {
+    const gen = this.guard(line);
+    this.st.readMiss += view.length;
+    try {
+      await this.backing.read(line * this.lineSize + at, view);
+    } catch (e) {
+      this.unguard(line);
+      throw e;
+    }
+    this.fillAfterRead(line, gen, [{ from: at, data: view }]);
+  }
+
+  /**
+   * Cache-on-read of what a read got from the backing volume (`pieces` view the caller's
+   * buffer; the fill guard of `gen` is held and released here). Done in this turn when the line
+   * is free and a slot is at hand (fillSync: a page-cache copy, no lock, no allocation, no copy
+   * of the data, and the reply waits only for that copy); otherwise in the background after the
+   * reply, from a copy, since the caller's buffer (guest memory) is theirs again once we return.
+   */
+  private fillAfterRead(line: number, gen: number, pieces: Array<{ from: number; data: Buffer }>): void {
+    if (this.modeNow === 'pass-through') {
+      this.unguard(line);
       return;
     }
-    // Cache-on-read: the missed data goes into the cache in the background (after the reply).
-    // It is copied: the caller's buffer (guest memory) is theirs again once we return.
+    try {
+      if (this.fillSync(line, gen, pieces)) {
+        this.unguard(line);
+        return;
+      }
+    } catch (e) {
+      this.unguard(line);
+      this.onBackgroundError(e); // the read was served; the fill was only a hint
+      return;
+    }
     if (this.pendingFills >= MAX_PENDING_FILLS) {
       this.unguard(line);
       return;
     }
-    const pieces = missed.map(([from, to]) => ({ from, data: Buffer.from(view.subarray(from - at, to - at)) }));
-    missed = [];
+    const copies = pieces.map((p) => ({ from: p.from, data: Buffer.from(p.data) }));
     this.pendingFills++;
-    void this.fill(line, gen, pieces)
+    void this.fill(line, gen, copies)
       .catch((e: unknown) => this.onBackgroundError(e))
       .finally(() => {
         this.pendingFills--;
         this.unguard(line);
       });
+  }
+
+  /** Registers a fill guard on the line (before a backing read whose data may fill it); its generation. */
+  private guard(line: number): number {
+    const g = this.fillGuard.get(line);
+    if (g) {
+      g.pending++;
+      return g.gen;
+    }
+    this.fillGuard.set(line, { gen: 0, pending: 1 });
+    return 0;
+  }
+
+  /**
+   * A hit served in this turn without the line lock: the newest slot of the line holding any of
+   * the request's sectors holds all of them (one slot serves the whole piece: no per-sector
+   * walk), and the device copies them from the page cache now (RWF_NOWAIT). Anything else
+   * (a miss, a piece spread over slots, data not in the page cache) takes the locked path.
+   *
+   * Why no lock is needed: the check and the copy run in one JS turn, so no other request,
+   * fill, write-back or eviction runs between them — it is the same as taking the lock and
+   * releasing it at once. It is only done when nobody holds or waits for the line's lock
+   * (`locks` has no entry), so it never overtakes a request queued on the line. What it reads
+   * is what the lock would have shown: every writer of a slot (writes, fills) sets valid bits
+   * only after its data write completed, and a slot is reused only after release() took it out
+   * of the line's list and cleared its bits.
+   */
+  private hitSync(line: number, at: number, view: Buffer, s0: number, s1: number): boolean {
+    if (this.locks.has(line)) return false;
+    const slots = this.meta.lines.get(line);
+    if (!slots) return false;
+    const words = this.device.words;
+    for (let i = slots.length - 1; i >= 0; i--) {
+      const c = coverage(this.device.valid, slots[i]! * words, s0, s1);
+      if (c === -1) continue;
+      return c === 1 && this.device.readDataSync(slots[i]!, at, view);
+    }
+    return false;
   }
 
   private unguard(line: number): void {
@@ -405,14 +503,12 @@ export class CacheVolume implements Volume {
         // runs of sectors that may be filled
         let s = a;
         while (s < b) {
-          const ok = (x: number): boolean =>
-            !(slots ?? []).some((sl) => test(this.device.slotValid(sl), x)) && (slot < 0 || !test(this.device.slotCommitted(slot), x));
-          if (!ok(s)) {
+          if (!this.fillable(slots, slot, s)) {
             s++;
             continue;
           }
           let e = s + 1;
-          while (e < b && ok(e)) e++;
+          while (e < b && this.fillable(slots, slot, e)) e++;
           if (slot < 0) {
             const got = await this.device.allocate(this.meta, line, 0);
             if (got === null) return; // no room now: the read was served, the fill is only a hint
@@ -429,11 +525,62 @@ export class CacheVolume implements Volume {
     });
   }
 
+  /** Whether sector x may be filled into `slot` (the line's epoch-0 slot, -1: none yet): no slot holds it and no durable record calls it valid there. */
+  private fillable(slots: number[] | undefined, slot: number, x: number): boolean {
+    if (slots) for (const sl of slots) if (test(this.device.slotValid(sl), x)) return false;
+    return slot < 0 || !test(this.device.slotCommitted(slot), x);
+  }
+
+  /**
+   * fill() completed in this turn, without the lock (hitSync says why a turn on a line nobody
+   * holds is as good as the lock): true when done (or nothing to do), false when it would have
+   * to wait (the line is held, no slot at hand, the device write would not be inline); what it
+   * wrote by then stays, and fill() finishes the rest. Throws when the device failed.
+   */
+  private fillSync(line: number, gen: number, pieces: Array<{ from: number; data: Buffer }>): boolean {
+    if (!this.cached('fill')) return true;
+    if (this.locks.has(line)) return false;
+    if ((this.fillGuard.get(line)?.gen ?? 0) !== gen) return true; // a write came: its data is newer
+    let slots = this.meta.lines.get(line);
+    let slot = slots?.[0] !== undefined && this.device.slotEpoch[slots[0]]! === 0 ? slots[0] : -1;
+    for (const p of pieces) {
+      const b = Math.floor((p.from + p.data.length) / SECTOR);
+      for (let s = Math.ceil(p.from / SECTOR); s < b; ) {
+        if (!this.fillable(slots, slot, s)) {
+          s++;
+          continue;
+        }
+        let e = s + 1;
+        while (e < b && this.fillable(slots, slot, e)) e++;
+        if (slot < 0) {
+          slot = this.device.allocateNow(this.meta, line, 0);
+          if (slot < 0) return false;
+          slots = this.meta.lines.get(line);
+          this.q.touch(line);
+        }
+        if (!this.device.writeDataSync(slot, s * SECTOR, p.data.subarray(s * SECTOR - p.from, e * SECTOR - p.from))) return false;
+        setRange(this.device.slotValid(slot), s, e);
+        this.device.mark(slot);
+        s = e;
+      }
+    }
+    return true;
+  }
+
   // ------------------------------------------------------------------------------ write
 
   async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
     if (this.backing.caps.readOnly) throw new VolumeError('EROFS', 'volume is read-only');
     this.st.written += buf.length;
+    // A write-back write into the line's open slot is done in this turn (writeNow).
+    try {
+      if (this.writeNow(offset, buf, opts)) return;
+    } catch (e) {
+      if (!this.device.failure) throw toVolumeError(e);
+      // The device failed under it: degrade as orDegrade does, then the general path (now
+      // pass-through, after the dirty data went back).
+      if (!this.degraded) await this.degrade();
+    }
     this.foreground++;
     try {
       await this.orDegrade(() => this.writeOnce(offset, buf, opts));
@@ -496,6 +643,53 @@ export class CacheVolume implements Volume {
       await this.device.commit();
     }
     this.kick();
+  }
+
+  /**
+   * A write-back write completed in this turn, or false (nothing done: the general path runs):
+   * whole sectors within one line nobody holds (hitSync says why a turn on such a line is as
+   * good as its lock), no FUA, under the dirty bound with the dirty mark recorded, and a slot
+   * of the open epoch at hand — the line's newest slot when it is of this epoch (in place under
+   * the same rule as writeLineBack: over sectors the durable record calls valid only when that
+   * record is of this epoch), else a fresh one when a free slot is at hand and the newest slot
+   * cannot be joined. Then one page-cache write of the device and the bookkeeping: no lock, no
+   * promise, no copy. Throws when the device failed.
+   */
+  private writeNow(offset: number, buf: Buffer, opts?: WriteOptions): boolean {
+    if (this.modeNow !== 'write-back' || opts?.fua || !this.cached('write') || buf.length === 0) return false;
+    if (this.clearTimer || (this.onDirtyChange && !this.dirtyMarked) || this.dirtyBytes >= this.dirtyBound()) return false;
+    const line = Math.floor(offset / this.lineSize);
+    const at = offset - line * this.lineSize;
+    if (at % SECTOR !== 0 || buf.length % SECTOR !== 0 || at + buf.length > this.lineSize || this.locks.has(line)) return false;
+    const s0 = at / SECTOR;
+    const s1 = s0 + buf.length / SECTOR;
+    const epoch = this.epoch;
+    const words = this.device.words;
+    const slots = this.meta.lines.get(line);
+    const last = slots?.[slots.length - 1];
+    let slot: number;
+    if (last !== undefined && this.device.slotEpoch[last] === epoch) {
+      slot = last;
+      if (this.device.committedEpoch[slot] !== epoch && coverage(this.device.committedValid, slot * words, s0, s1) !== -1) return false;
+    } else {
+      // A clean newest slot that could join this epoch is writeLineBack's case (not here).
+      if (last !== undefined && !this.isDirtySlot(last) && coverage(this.device.committedValid, last * words, s0, s1) === -1) return false;
+      slot = this.device.allocateNow(this.meta, line, epoch);
+      if (slot < 0) return false;
+    }
+    if (!this.device.writeDataSync(slot, at, buf)) return false; // an empty slot of the epoch may stay: the general path uses it
+    this.bumpGuard(line);
+    if (this.ram) this.ram.delete(`${this.meta.id}:${line}`);
+    const v = this.device.slotValid(slot);
+    let added = 0;
+    for (let x = s0; x < s1; x++) if (!test(v, x)) added++;
+    setRange(v, s0, s1);
+    this.device.mark(slot);
+    this.addDirty(epoch, slot, added * SECTOR);
+    this.q.touch(line);
+    this.epochWrites++;
+    this.kick();
+    return true;
   }
 
   /** One line's part of a write-back write; false when no slot could be had. */
@@ -570,12 +764,7 @@ export class CacheVolume implements Volume {
   private guardLines(offset: number, length: number): Map<number, number> {
     const out = new Map<number, number>();
     if (length === 0) return out;
-    for (let line = Math.floor(offset / this.lineSize); line <= Math.floor((offset + length - 1) / this.lineSize); line++) {
-      const g = this.fillGuard.get(line);
-      if (g) g.pending++;
-      else this.fillGuard.set(line, { gen: 0, pending: 1 });
-      out.set(line, this.fillGuard.get(line)!.gen);
-    }
+    for (let line = Math.floor(offset / this.lineSize); line <= Math.floor((offset + length - 1) / this.lineSize); line++) out.set(line, this.guard(line));
     return out;
   }
 
@@ -727,12 +916,7 @@ export class CacheVolume implements Volume {
           start = -1;
         }
       }
-      if (missing.length) {
-        const g = this.fillGuard.get(line);
-        if (g) g.pending++;
-        else this.fillGuard.set(line, { gen: 0, pending: 1 });
-        gen = this.fillGuard.get(line)!.gen;
-      }
+      if (missing.length) gen = this.guard(line);
     });
     if (!missing.length) return;
     try {
@@ -818,11 +1002,14 @@ export class CacheVolume implements Volume {
     await this.markPromise;
   }
 
+  /** Dirty bytes over which writers wait: maxDirty, and at most half the disk's allotment (dirty lines cannot be evicted). */
+  private dirtyBound(): number {
+    return Math.min(this.maxDirty, Math.max(this.lineSize, (this.meta.allotment * this.lineSize) / 2));
+  }
+
   /** Writers wait while the disk has more dirty data than its bound. */
   private async dirtyGate(): Promise<void> {
-    // The bound is also at most half the disk's allotment: dirty lines cannot be evicted.
-    const bound = Math.min(this.maxDirty, Math.max(this.lineSize, (this.meta.allotment * this.lineSize) / 2));
-    while (this.dirtyBytes >= bound && !this.degraded) {
+    while (this.dirtyBytes >= this.dirtyBound() && !this.degraded) {
       this.seal();
       this.kick();
       await this.waitWriteBack();
@@ -849,8 +1036,7 @@ export class CacheVolume implements Volume {
   private kick(): void {
     if (this.wbRunning || this.closed) return;
     if (this.epochWrites > 0 && this.epochOpenedAt === 0) this.epochOpenedAt = Date.now();
-    const sealed = [...this.dirtySlots.keys()].some((e) => e < this.epoch);
-    if (!sealed) return;
+    if (!this.hasSealed()) return;
     this.wbRunning = this.writeBackLoop()
       .then(
         () => {
@@ -865,10 +1051,16 @@ export class CacheVolume implements Volume {
         this.wbRunning = null;
         this.wakeWriters();
         // More to do: at once, or after a second when the backing volume failed (no busy retry).
-        if ([...this.dirtySlots.keys()].some((e) => e < this.epoch) && !this.degraded && !this.device.failure && !this.closed) {
+        if (this.hasSealed() && !this.degraded && !this.device.failure && !this.closed) {
           setTimeout(() => this.kick(), this.wbError ? 1000 : 0).unref();
         }
       });
+  }
+
+  /** Whether a sealed epoch holds dirty data (write-back has work). Runs per write: no array. */
+  private hasSealed(): boolean {
+    for (const e of this.dirtySlots.keys()) if (e < this.epoch) return true;
+    return false;
   }
 
   /** Periodic: seal an epoch left open with dirty data, so that write-back is never starved. */
@@ -876,7 +1068,11 @@ export class CacheVolume implements Volume {
     if (this.closed || this.degraded) return;
     if (this.epochWrites > 0) {
       if (this.epochOpenedAt === 0) this.epochOpenedAt = Date.now();
-      else if (Date.now() - this.epochOpenedAt >= this.sealAfterMs) this.seal();
+      // Not while write-back runs: it is not starved then, and an epoch sealed meanwhile only
+      // means a new slot for every line written again (a 4 KiB random write costing a slot per
+      // line per second, the allotment filling with dirty slots nothing may evict, writers
+      // waiting: bench/RESULTS-cache.md). A guest FLUSH still seals at once.
+      else if (Date.now() - this.epochOpenedAt >= this.sealAfterMs && !this.wbRunning) this.seal();
     }
     this.kick();
   }

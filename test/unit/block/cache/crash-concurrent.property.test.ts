@@ -68,6 +68,25 @@ class Device extends VolumeLayer {
     this.pending.push({ offset, data: copy });
     if (opts?.fua) await this.flush();
   }
+  /**
+   * FileVolume's turn-complete page-cache paths (the cache's lock-free hits, fills and writes
+   * use them): taken at random, so the cache's locked paths run too.
+   */
+  readCachedSync(offset: number, buf: Buffer): boolean {
+    if (this.rand() < 0.3) return false;
+    this.data.copy(buf, 0, offset, offset + buf.length);
+    for (const p of this.pending) {
+      const a = Math.max(offset, p.offset);
+      const b = Math.min(offset + buf.length, p.offset + p.data.length);
+      if (a < b) p.data.copy(buf, a - offset, a - p.offset, b - p.offset);
+    }
+    return true;
+  }
+  writeInlineSync(offset: number, buf: Buffer): boolean {
+    if (this.rand() < 0.3) return false;
+    if (!this.dead) this.pending.push({ offset, data: Buffer.from(buf) });
+    return true;
+  }
   override async flush(): Promise<void> {
     await this.delay();
     if (this.dead) return;

@@ -47,6 +47,19 @@ export class CrashableVolume extends VolumeLayer {
     if (opts?.fua) await this.flush();
   }
 
+  /**
+   * FileVolume's turn-complete page-cache write (the cache's lock-free fills and writes use it),
+   * declined every third call so that the cache's async paths run too. (No readCachedSync: the
+   * durable MemoryVolume reads asynchronously; crash-concurrent.property.test.ts has both.)
+   */
+  writeInlineSync(offset: number, buf: Buffer): boolean {
+    this.check();
+    if (++this.syncCalls % 3 === 0) return false;
+    this.pending.push({ offset, data: Buffer.from(buf) });
+    return true;
+  }
+  private syncCalls = 0;
+
   override async flush(): Promise<void> {
     this.check();
     for (const p of this.pending) await this.durable.write(p.offset, p.data);
