@@ -125,6 +125,7 @@ export function describeReplicas(rec: NameRecord, nodes: NodeStatus[]): ShownRep
 export function renderShow(rec: NameRecord, replicas: ShownReplica[]): string {
   let out = `${rec.name}: ${rec.kind}${rec.size !== undefined ? `, ${formatSize(rec.size)} (${rec.size} bytes)` : ''}, ${rec.replicas.length} replica(s), version ${rec.version}, created ${new Date(rec.created).toISOString()}`;
   if (rec.dirtyHost) out += `, dirty cache on ${rec.dirtyHost}`;
+  if (rec.lastWriter) out += `, last opened writable on ${rec.lastWriter}`;
   out += '\n';
   const rows = [['NODE', 'STATE', 'ALIVE', 'EXPORT', 'NBD']];
   for (const r of replicas) {

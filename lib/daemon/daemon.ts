@@ -10,7 +10,7 @@
  */
 import { mkdir, readFile } from 'node:fs/promises';
 import { FileVolume } from '../block/file.js';
-import { balloonOf, CacheHost, cacheHostId, checkDirtyHost } from '../block/cache/host.js';
+import { balloonOf, CacheHost, cacheHostId, checkDirtyHost, claimWriter } from '../block/cache/host.js';
 import { ConfigError, type DaemonConfig, type DiskConfig } from '../config/schema.js';
 import type { Logger } from '../log.js';
 import type { NbdTlsOptions } from '../nbd/api.js';
@@ -169,7 +169,21 @@ export class Daemon {
             throw new RegistryError(409, (e as Error).message.replace(/^EBUSY: /, ''));
           }
         }
-        return remote.open(d, vm);
+        const opened = await remote.open(d, vm);
+        if (resolver) {
+          // Who wrote the volume last: this host's cache drops what it holds of the volume when
+          // another host has opened it writable since (lastWriter in the record). A writable open
+          // claims the record for this host. Unreachable resolver: served as before, with a warning.
+          const self = cacheHostId(config.cache);
+          const name = d.volume.name;
+          try {
+            const prev = d.readOnly ? (await resolver.getName(name))?.lastWriter : await claimWriter(resolver, name, self);
+            if (prev !== undefined && prev !== self) this.cacheHost?.markForeignWrites(name);
+          } catch (e) {
+            logger.warn({ volume: name, err: (e as Error).message }, 'resolver: could not record this host as the volume\'s last writer');
+          }
+        }
+        return opened;
       },
       ...(this.deps.createVhostServer ? { createVhostServer: this.deps.createVhostServer } : {}),
       ...(this.shareFactory ? { createShareServer: this.adoptingFactory(this.shareFactory) } : {}),

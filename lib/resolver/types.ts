@@ -52,6 +52,12 @@ export interface NameRecord {
   replicas: ReplicaRecord[];
   /** Host that holds dirty write-back cache for this volume (the cache issue); absent when clean. */
   dirtyHost?: string;
+  /**
+   * Host that last opened the volume writable. A host whose cache holds lines of the volume and
+   * finds another host here drops them when it opens the volume (they may predate that host's
+   * writes); absent in records from before this field (their caches are trusted).
+   */
+  lastWriter?: string;
   /** Incremented on every change; compare-and-set token for putName(). */
   version: number;
   /** ms since the epoch. */
@@ -235,6 +241,7 @@ export function checkNameRecord(rec: NameRecord): void {
   if (!isCount(rec.created)) bad('created: expected ms since the epoch');
   if (rec.size !== undefined && !isCount(rec.size)) bad('size: expected bytes (a non-negative integer)');
   if (rec.dirtyHost !== undefined && typeof rec.dirtyHost !== 'string') bad('dirtyHost: expected a string');
+  if (rec.lastWriter !== undefined && typeof rec.lastWriter !== 'string') bad('lastWriter: expected a string');
   if (!Array.isArray(rec.replicas) || rec.replicas.length > MAX_REPLICAS) bad(`replicas: expected a list of at most ${MAX_REPLICAS}`);
   const nodes = new Set<string>();
   for (const r of rec.replicas) {
@@ -266,5 +273,6 @@ export function cleanName(r: NameRecord): NameRecord {
   };
   if (r.size !== undefined) out.size = r.size;
   if (r.dirtyHost !== undefined) out.dirtyHost = r.dirtyHost;
+  if (r.lastWriter !== undefined) out.lastWriter = r.lastWriter;
   return out;
 }

@@ -72,6 +72,24 @@ export async function checkDirtyHost(resolver: ResolverStore, volume: string, se
   }
 }
 
+/**
+ * Records this host as the volume's last writer (compare-and-set, retried) and returns the host
+ * recorded before (undefined: none yet, or a record from before the field).
+ */
+export async function claimWriter(resolver: ResolverStore, volume: string, self: string): Promise<string | undefined> {
+  for (let attempt = 0; ; attempt++) {
+    const cur = await resolver.getName(volume);
+    if (!cur) throw new Error(`${volume} is not in the resolver`);
+    if (cur.lastWriter === self) return self;
+    try {
+      await resolver.putName({ ...cur, lastWriter: self });
+      return cur.lastWriter;
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'ESTALE' || attempt >= 8) throw e;
+    }
+  }
+}
+
 /** Sets or clears `dirtyHost` on a volume's record (compare-and-set, retried). */
 export async function setDirtyHost(resolver: ResolverStore, volume: string, host: string | null): Promise<void> {
   for (let attempt = 0; ; attempt++) {
@@ -163,10 +181,34 @@ export class CacheHost {
     }
   }
 
+  /** Volumes another host opened writable since this host last did (their cached lines are dropped at the next openDisk). */
+  private readonly foreignWritten = new Set<string>();
+
+  /**
+   * Another host opened `volumeName` writable after this host did (the resolver's lastWriter):
+   * whatever this device holds of it — clean lines that may predate that host's writes, and
+   * dirty data an operator gave up with `invalidate --volume --force` — is dropped when the disk
+   * is opened next, instead of being served or written back over the newer data.
+   */
+  markForeignWrites(volumeName: string): void {
+    this.foreignWritten.add(volumeName);
+  }
+
   /** The cache layer of one disk over its backing volume. `volumeName`: the resolver name, for dirty records. */
   async openDisk(vm: string, disk: string, key: string, backing: Volume, settings: DiskCacheSettings, volumeName?: string, vmPolicy?: VmCachePolicy): Promise<CacheVolume> {
     const log = this.logger.child({ vm, disk, cache: settings.mode ?? DEFAULT_DISK_MODE });
     const resolver = this.resolver;
+    if (volumeName !== undefined && this.foreignWritten.delete(volumeName)) {
+      const meta = this.device.disksByKey().get(key);
+      if (meta && meta.lines.size > 0) {
+        let dirty = 0;
+        for (const slots of meta.lines.values()) for (const s of slots) if (this.device.slotEpoch[s]! > meta.epochDone) dirty += this.device.slotBytes(s);
+        log.warn({ volume: volumeName, lines: meta.lines.size, droppedDirtyBytes: dirty }, 'cache: another host wrote this volume since this host cached it; dropping what the cache holds of it');
+        await this.device.dropDisk(meta);
+        // The RAM tier keeps line images of a disk closed earlier in this process: drop them too.
+        if (this.ram) for (const k of [...this.ram.keys()]) if (k.startsWith(`${meta.id}:`)) this.ram.delete(k);
+      }
+    }
     const v = await CacheVolume.open({
       device: this.device,
       backing,
