@@ -3,7 +3,9 @@
  * RemoteVolume / ReplicatedVolume over it, and ShortCircuitServer alone for the refusals.
  */
 import { existsSync, openSync, closeSync, constants as FS, writeFileSync, writeSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
+import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { RemoteVolume } from '../../../lib/block/remote.js';
 import { ReplicatedVolume } from '../../../lib/block/replicated.js';
@@ -165,6 +167,51 @@ describe('ShortCircuitServer refusals', () => {
     cleanup.push(() => srv.close());
     return { sock, srv };
   }
+
+  it('survives hostile requests (garbage, oversized, half lines, early hang-ups) and still serves a good one', async () => {
+    const file = path.join(tempDir('vst-sc-fuzz-'), 'v.img');
+    writeFileSync(file, Buffer.alloc(8192, 7));
+    const { sock, srv } = await server(async (name: string) => {
+      if (name !== 'v') throw Object.assign(new Error('no volume'), { code: 'ENOENT' });
+      return { file, size: 8192 };
+    });
+    const send = (bytes: Uint8Array, hangUp: boolean): Promise<string> =>
+      new Promise((resolve) => {
+        const c = net.connect(sock);
+        let got = '';
+        c.on('data', (b) => (got += b.toString('latin1')));
+        c.on('error', () => resolve(got));
+        c.on('close', () => resolve(got));
+        c.on('connect', () => {
+          c.write(bytes);
+          if (hangUp) c.end();
+          else setTimeout(() => c.destroy(), 30);
+        });
+      });
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          fc.uint8Array({ maxLength: 6000 }),
+          fc.jsonValue().map((v) => new TextEncoder().encode(JSON.stringify(v) + '\n')),
+          fc.record({ v: fc.oneof(fc.constant(1), fc.integer()), volume: fc.oneof(fc.string(), fc.integer()) }).map((v) => new TextEncoder().encode(JSON.stringify(v) + '\n')),
+        ),
+        fc.boolean(),
+        async (bytes, hangUp) => {
+          const reply = await send(bytes, hangUp);
+          // Whatever it was, the answer is at most one JSON line, never a grant for garbage.
+          if (reply !== '') expect(() => JSON.parse(reply.split('\n')[0]!)).not.toThrow();
+        },
+      ),
+      { numRuns: 60 },
+    );
+    const r = await ShortCircuitReader.open({ socket: sock, volume: 'v' });
+    const b = Buffer.alloc(100);
+    expect(r.readSync(0, b) || (await r.read(0, b).then(() => true))).toBe(true);
+    expect(b.every((x) => x === 7)).toBe(true);
+    await until('only the good lease', () => srv.leases() === 1);
+    r.invalidate('done');
+    await until('lease released', () => srv.leases() === 0);
+  });
 
   it('refuses a peer of another uid (SO_PEERCRED), unknown volumes, and O_DIRECT volumes', async () => {
     const file = path.join(tempDir('vst-sc-file-'), 'v.img');
