@@ -90,6 +90,7 @@ written back in flush order), write-through, write-around, pass-through.
 Examples:
   $ vstore cache stats
   $ vstore cache balloon                    each VM's shares, target and allotment
+  $ vstore cache shares vm1 4 --min 1G      change a VM's share at runtime (not saved)
   $ vstore cache flush vm1/disk0            write back every dirty byte (progress bar)
   $ vstore cache warm vm1/disk0 --range 0:1G
   $ vstore cache mode vm1/disk0 write-back
@@ -128,6 +129,28 @@ Examples:
     .action(async (opts: { control: string; json: boolean }) => {
       const b = await call<BalloonStatus>(opts.control, 'GET', '/v1/cache/balloon');
       process.stdout.write(opts.json ? JSON.stringify(b, null, 2) + '\n' : renderBalloon(b) || 'no ballooned VMs\n');
+    });
+
+  cache
+    .command('shares')
+    .summary("change a VM's share of the cache at runtime (the config's vms[].cache; not saved)")
+    .argument('<vm>', 'VM name')
+    .argument('<shares>', 'relative share (a positive number)')
+    .option('--min <size>', 'least cache space the scheduler leaves the VM (e.g. 1G)')
+    .option('--max <size>', 'most cache space the scheduler gives the VM')
+    .addOption(controlOption())
+    .action(async (vm: string, shares: string, opts: { control: string; min?: string; max?: string }) => {
+      const n = Number(shares);
+      if (!(n > 0) || !Number.isFinite(n)) throw new Error(`shares: a positive number, got ${shares}`);
+      const size = (what: string, v: string | undefined): number | undefined => {
+        if (v === undefined) return undefined;
+        const b = parseSize(v);
+        if (b === undefined) throw new Error(`--${what}: a size such as 512M or 2G, got ${v}`);
+        return b;
+      };
+      const body = { shares: n, min: size('min', opts.min) ?? null, max: size('max', opts.max) ?? null };
+      const b = await call<BalloonStatus>(opts.control, 'PUT', `/v1/cache/balloon/${encodeURIComponent(vm)}`, body);
+      process.stdout.write(renderBalloon(b) || 'no ballooned VMs\n');
     });
 
   cache

@@ -50,6 +50,15 @@ describe('vstore cache (CLI and control API)', () => {
     expect(metrics).toMatch(/vstore_cache_hit_ratio\{vm="vm",disk="d0"\} [0-9.]+/);
     expect(metrics).toMatch(/vstore_cache_mode\{vm="vm",disk="d0",mode="write-through"\} 1/);
 
+    // a VM's share changed at runtime: the scheduler's view shows it
+    const shares = await cli('cache', 'shares', 'vm', '3', '--min', '1M');
+    expect(shares.code, shares.stderr).toBe(0);
+    const balloon = JSON.parse((await cli('cache', 'balloon', '--json')).stdout) as { vms: Array<{ vm: string; shares: number; minBytes?: number }> };
+    expect(balloon.vms.find((v) => v.vm === 'vm')).toMatchObject({ shares: 3 });
+    const badShares = await cli('cache', 'shares', 'nope', '2');
+    expect(badShares.code).toBe(1);
+    expect(badShares.stderr).toMatch(/VM nope has no cached disk/);
+
     expect((await cli('cache', 'mode', 'vm/d0', 'write-back')).stdout).toBe('vm/d0: write-back\n');
     const bad = await cli('cache', 'mode', 'vm/d0', 'sideways');
     expect(bad.code).toBe(1);

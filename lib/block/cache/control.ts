@@ -5,6 +5,7 @@
  *   GET  /v1/cache                                   device, host id, every cached disk's stats
  *   GET  /v1/cache/balloon                           the capacity scheduler: per VM shares, target,
  *                                                    allotment, used bytes, hit ratio, activity
+ *   PUT  /v1/cache/balloon/VM  {shares, min?, max?}  a VM's share at runtime (bytes; not saved)
  *   POST /v1/cache/invalidate-volume  {volume, force: true}
  *                                                    clears another host's dirty record of a volume
  *   GET  /v1/vms/VM/disks/DISK/cache                 the disk's cache stats
@@ -56,6 +57,19 @@ export async function handleCacheRequest(
         const b = host.balloonStatus();
         if (!b) return err(404, 'the capacity scheduler is off (cache.balloon.enabled: false)');
         return { status: 200, body: b };
+      }
+      if (parts[1] === 'balloon' && parts.length === 3) {
+        if (method !== 'PUT') return err(405, 'use PUT');
+        const b = (await readBody()) as { shares?: unknown; min?: unknown; max?: unknown } | null;
+        const size = (v: unknown): boolean => v === undefined || v === null || (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0);
+        if (typeof b?.shares !== 'number') return err(400, 'shares: a positive number');
+        if (!size(b.min) || !size(b.max)) return err(400, 'min, max: bytes (non-negative integers) or null');
+        host.setVmPolicy(parts[2]!, {
+          shares: b.shares,
+          ...(typeof b.min === 'number' ? { minBytes: b.min } : {}),
+          ...(typeof b.max === 'number' ? { maxBytes: b.max } : {}),
+        });
+        return { status: 200, body: host.balloonStatus() ?? {} };
       }
       if (parts[1] === 'invalidate-volume' && parts.length === 2) {
         if (method !== 'POST') return err(405, 'use POST');

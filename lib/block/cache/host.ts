@@ -232,6 +232,21 @@ export class CacheHost {
     return v;
   }
 
+  /**
+   * Changes a VM's share of the cache at runtime (`PUT /v1/cache/balloon/VM`): the scheduler moves
+   * its allotment toward the new target from its next step, at the configured rate. Not written to
+   * the config file: a restart or a re-added VM takes the config's values again.
+   */
+  setVmPolicy(vm: string, policy: VmCachePolicy): void {
+    if (![...this.disks.values()].some((d) => d.vm === vm)) throw Object.assign(new Error(`VM ${vm} has no cached disk`), { status: 404 });
+    if (!(policy.shares > 0) || !Number.isFinite(policy.shares)) throw Object.assign(new Error('shares: a positive number'), { status: 400 });
+    if (policy.minBytes !== undefined && policy.maxBytes !== undefined && policy.minBytes > policy.maxBytes) {
+      throw Object.assign(new Error('min: must not be over max'), { status: 400 });
+    }
+    this.vmPolicies.set(vm, policy);
+    this.logger.info({ vm, shares: policy.shares, minBytes: policy.minBytes, maxBytes: policy.maxBytes }, 'cache: VM share changed');
+  }
+
   /** Forgets a disk (its CacheVolume was closed). */
   forget(vm: string, disk: string, v: CacheVolume): void {
     if (this.disks.get(`${vm}/${disk}`)?.volume === v) this.disks.delete(`${vm}/${disk}`);

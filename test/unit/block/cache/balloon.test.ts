@@ -488,3 +488,47 @@ describe('CacheHost with the balloon over real write-back disks', () => {
 function patternOf(n: number): Buffer {
   return Buffer.alloc(LINE, (n % 250) + 1);
 }
+
+describe('a VM share changed at runtime (PUT /v1/cache/balloon/VM, vstore cache shares)', () => {
+  it('the scheduler moves the VM toward its new target; bad requests are refused with the reason', async () => {
+    const { handleCacheRequest } = await import('../../../../lib/block/cache/control.js');
+    const dir = tempDir('vstore-balloon-put-');
+    const host = await CacheHost.open({ device: path.join(dir, 'cache.img'), size: 16 * MiB, lineSize: LINE, ramBytes: 0, balloon: { enabled: true, intervalMs: 3_600_000, rateBytesPerSec: 64 * MiB * 1000, idleTax: 0.5 } }, silentLogger());
+    const a = await host.openDisk('a', 'd0', 'a', new MemoryVolume({ size: 64 * MiB }), { mode: 'write-through' }, undefined, { shares: 1 });
+    const b = await host.openDisk('b', 'd0', 'b', new MemoryVolume({ size: 64 * MiB }), { mode: 'write-through' }, undefined, { shares: 1 });
+    const put = (vm: string, body: unknown) =>
+      handleCacheRequest('PUT', ['cache', 'balloon', vm], async () => body, { cacheOf: () => { throw new Error('unused'); } }, host);
+    const sched = host.balloon!;
+    let now = 0;
+    const buf = Buffer.alloc(LINE);
+    let n = 0;
+    const busy = async (ticks: number): Promise<void> => {
+      for (let t = 0; t < ticks; t++) {
+        for (let i = 0; i < 60; i++) {
+          await a.read(((n * 7919) % 1024) * LINE, buf);
+          await b.read(((n++ * 104729) % 1024) * LINE, buf);
+        }
+        await sched.tick((now += 1000));
+      }
+    };
+    const target = (vm: string): number => sched.status().vms.find((v) => v.vm === vm)!.targetBytes;
+    await busy(6);
+    expect(Math.abs(target('a') - target('b'))).toBeLessThanOrEqual(2 * LINE); // 1:1
+    const r = await put('b', { shares: 3 });
+    expect(r?.status).toBe(200);
+    await busy(6);
+    const ratio = target('b') / target('a');
+    expect(ratio).toBeGreaterThan(2.5);
+    expect(ratio).toBeLessThan(3.5);
+    expect(sched.status().vms.find((v) => v.vm === 'b')!.shares).toBe(3);
+    // refusals
+    expect(await put('nope', { shares: 1 })).toMatchObject({ status: 404, body: { error: 'VM nope has no cached disk' } });
+    expect(await put('a', { shares: 0 })).toMatchObject({ status: 400 });
+    expect(await put('a', { shares: 'x' })).toMatchObject({ status: 400 });
+    expect(await put('a', { shares: 1, min: 8 * MiB, max: MiB })).toMatchObject({ status: 400, body: { error: 'min: must not be over max' } });
+    expect(await handleCacheRequest('GET', ['cache', 'balloon', 'a'], async () => null, { cacheOf: () => { throw new Error('unused'); } }, host)).toMatchObject({ status: 405 });
+    await a.close();
+    await b.close();
+    await host.close();
+  });
+});
