@@ -118,6 +118,8 @@ export const REMOTE_DEFAULT_LIMITS: Readonly<BlockLimits> = Object.freeze({ mini
 const ZERO_CHUNK = 1024 * 1024;
 /** Split pieces of one call in flight at once. */
 const SPLIT_CONCURRENCY = 8;
+/** A short-circuit descriptor refused for a passing reason (timeout, busy node) is asked for again after this. */
+const SC_RETRY_MS = 2000;
 /** Largest length sent in one TRIM / fast WRITE_ZEROES / BLOCK_STATUS (the wire length is 32 bits). */
 const BIG_OP = 1 << 30;
 
@@ -359,9 +361,15 @@ export class RemoteVolume extends EventEmitter implements Volume {
       (e: unknown) => {
         this.scAcquiring = false;
         const code = (e as VolumeError).code;
-        // A server without the socket (nbdkit, qemu-nbd, a node with it off) or that refuses: not again until reconnect.
-        this.scRefused = true;
         this.log[code === 'ENOENT' ? 'debug' : 'info']({ err: (e as Error).message }, 'remote: no short-circuit reads; reading over NBD');
+        if (code === 'ENOENT' || code === 'ENOTSUP' || code === 'EACCES') {
+          // No socket (nbdkit, qemu-nbd, a node with it off), or a volume it will not hand out: not again until reconnect.
+          this.scRefused = true;
+        } else {
+          // A timeout or a race with a grow: again a little later.
+          const t = setTimeout(() => this.acquireShortCircuit(), SC_RETRY_MS);
+          t.unref();
+        }
       },
     );
   }

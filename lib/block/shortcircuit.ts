@@ -66,7 +66,7 @@ export class ShortCircuitReader extends EventEmitter {
         sock = n.unixConnect(o.socket);
       } catch (e) {
         const code = (e as NodeJS.ErrnoException).code;
-        reject(new VolumeError(code === 'ENOENT' || code === 'ECONNREFUSED' ? 'ENOENT' : 'EIO', `short-circuit ${o.socket}: ${(e as Error).message}`));
+        reject(new VolumeError(code === 'ENOENT' || code === 'ECONNREFUSED' ? 'ENOENT' : code === 'EACCES' ? 'EACCES' : 'EIO', `short-circuit ${o.socket}: ${(e as Error).message}`));
         return;
       }
       const buf = Buffer.allocUnsafe(MAX_REPLY);
@@ -88,14 +88,18 @@ export class ShortCircuitReader extends EventEmitter {
       const w = new n.FdWatcher(sock, (status) => {
         if (reader) return reader.invalidate('the node ended the lease');
         if (done) return;
-        if (status < 0) return finish(new VolumeError('EIO', `short-circuit ${o.socket}: socket error ${status}`));
+        // An error (libuv reports POLLERR as a status; a node that refuses closes at once, which
+        // resets the connection) may come with the reply still to be read: read first.
         let got: number;
         try {
           got = n.recvMsg(sock, buf.subarray(len), fds);
         } catch (e) {
           return finish(new VolumeError('EIO', `short-circuit ${o.socket}: ${(e as Error).message}`));
         }
-        if (got < 0) return;
+        if (got < 0) {
+          if (status < 0) finish(new VolumeError('EIO', `short-circuit ${o.socket}: socket error ${status}`));
+          return;
+        }
         if (got === 0) return finish(new VolumeError('EIO', `short-circuit ${o.socket}: closed before a reply`));
         len += got;
         const nl = buf.subarray(0, len).indexOf(10);

@@ -171,6 +171,11 @@ export class ShortCircuitServer {
       if (fd < 0) return;
       if (!this.peerAllowed(fd)) {
         this.refused++;
+        try {
+          this.n.sendMsg(fd, Buffer.from(JSON.stringify({ ok: false, code: 'EACCES', message: 'peer of another uid' }) + '\n'), [], 0);
+        } catch {
+          /* the peer is gone or its socket full: closing says enough */
+        }
         this.n.closeFd(fd);
         continue;
       }
