@@ -5,6 +5,8 @@
 # cache device. fio (nbd engine, unix socket) runs the same jobs against:
 #   local      vstore serve, a disk on a local image (cache layer in pass-through): the target
 #   remote     the delayed nbdkit directly (the bare remote)
+#   vpass      vstore serve, a second volume on the same delayed remote, cache in pass-through:
+#              what the daemon's own hop costs, so that cold/vpass says what filling adds
 #   vcache     vstore serve, the volume on the delayed remote, cached (write-back)
 #   nbdkit     nbdkit's cache filter (cache-on-read=true) over the same delayed remote
 # Jobs: 4k random reads QD$IODEPTH over a $REGION_MIB MiB region that touch every block once
@@ -31,6 +33,7 @@ REGION_MIB=${REGION_MIB:-128}
 IODEPTH=${IODEPTH:-16}
 DELAY=${DELAY:-1ms}
 ROUNDS=${ROUNDS:-3}
+BALLOON=${BALLOON:-false}
 OUT=${OUT:-$ROOT/bench/out-cache}
 WORK=${BENCH_DIR:-${TMPDIR:-/tmp}/vstore-bench-cache}
 VSTORE="node $ROOT/bin/vstore.js"
@@ -72,15 +75,20 @@ waitsock "$WORK/nbdkit-cache.sock"
 STORE="file:$WORK/resolver.json"
 $VSTORE resolver node add remote --nbd "unix:$WORK/remote.sock" --resolver "$STORE" >/dev/null
 $VSTORE resolver place bench/d0 --size "${SIZE_MIB}M" --on remote --resolver "$STORE" >/dev/null
+$VSTORE resolver place bench/d1 --size "${SIZE_MIB}M" --on remote --resolver "$STORE" >/dev/null
 
 # Room for every round's region read and written (a written line takes a second slot) plus metadata.
+# The capacity scheduler is off by default: it would split the device between the VM's three
+# disks (two of them uncached) and the dirty bound (half the allotment) would then throttle the
+# write job to the write-back rate; this bench measures the data path. BALLOON=true to see that.
 cat > "$WORK/config.json" <<JSON
 { "runDir": "$WORK/run", "control": "$WORK/run/control.sock",
   "resolver": { "store": "$WORK/resolver.json" },
-  "cache": { "device": "$WORK/cache.img", "size": "$((SIZE_MIB * 2 + REGION_MIB))M", "lineSize": "64K" },
+  "cache": { "device": "$WORK/cache.img", "size": "$((SIZE_MIB * 2 + REGION_MIB))M", "lineSize": "64K", "balloon": { "enabled": $BALLOON } },
   "vms": [ { "name": "vm", "disks": [
     { "name": "local", "file": "$WORK/local.img", "cache": { "mode": "pass-through" } },
-    { "name": "d0", "volume": { "name": "bench/d0", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "write-back" } } ] } ] }
+    { "name": "d0", "volume": { "name": "bench/d0", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "write-back" } },
+    { "name": "d1", "volume": { "name": "bench/d1", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "pass-through" } } ] } ] }
 JSON
 # shellcheck disable=SC2086
 node ${VSTORE_NODE_ARGS:-} "$ROOT/bin/vstore.js" serve -c "$WORK/config.json" --log-level warn 2>"$WORK/daemon.log" & DAEMON=$!
@@ -104,6 +112,7 @@ fio --name=warmup --ioengine=nbd --uri="$LOCAL" --rw=randread --bs=4k --size="${
     --runtime=2 --time_based --output=/dev/null >/dev/null 2>>"$WORK/fio.log"
 for r in $(seq 1 "$ROUNDS"); do
   job remote-read "$(uri "$WORK/remote.sock")" randread "$r"
+  job vpass-read "$(uri "$WORK/run/vm-d1.sock")" randread "$r"
   job vcache-cold "$D0" randread "$r"
   sleep 1 # background fills of the cold pass land
   job local-read "$LOCAL" randread "$r"
@@ -127,7 +136,7 @@ for (const f of fs.readdirSync(dir).filter((f) => /-r\d+\.json$/.test(f))) {
   const s = j.read.io_bytes > 0 ? j.read : j.write;
   r[f.replace('.json', '')] = { iops: s.iops, latUs: s.clat_ns.mean / 1000 };
 }
-const jobs = ['local-read', 'remote-read', 'vcache-cold', 'vcache-warm', 'nbdkit-cold', 'nbdkit-warm', 'local-write', 'vcache-write'];
+const jobs = ['local-read', 'remote-read', 'vpass-read', 'vcache-cold', 'vcache-warm', 'nbdkit-cold', 'nbdkit-warm', 'local-write', 'vcache-write'];
 const cell = (k) => (r[k] ? `${Math.round(r[k].iops)} (${r[k].latUs.toFixed(0)})` : '-');
 console.log(`| job (IOPS, mean lat us) | ${Array.from({ length: rounds }, (_, i) => `round ${i + 1}`).join(' | ')} |`);
 console.log(`|---|${'---|'.repeat(rounds)}`);
@@ -149,6 +158,7 @@ console.log('|---|---|---|---|');
 console.log(line('vstore warm read / local', 'vcache-warm', 'local-read', '>= 0.9'));
 console.log(line('vstore cold read / bare remote', 'vcache-cold', 'remote-read', '>= 1.0'));
 console.log(line('vstore write-back write / local', 'vcache-write', 'local-write', '>= 0.9'));
+console.log(line('vstore cold read / vstore uncached', 'vcache-cold', 'vpass-read', '-'));
 console.log(line('nbdkit warm read / local', 'nbdkit-warm', 'local-read', '-'));
 console.log(line('nbdkit cold read / bare remote', 'nbdkit-cold', 'remote-read', '-'));
 NODE

@@ -1115,29 +1115,38 @@ export class CacheVolume implements Volume {
     }
   }
 
-  /** Copies a dirty slot's valid sectors to the backing volume (under the line lock). */
+  /**
+   * Copies a dirty slot's valid sectors to the backing volume, its runs' writes in parallel
+   * (one epoch: their order does not matter; the epoch's backing FLUSH comes after all). No
+   * line lock: the slot belongs to a sealed epoch whose writes have all completed (the loop
+   * waited for `inflight`), so nothing writes into it any more — writes go to the open epoch's
+   * slot, and only clean slots join an epoch — and nothing frees it before its epoch is done
+   * (dirty slots are neither evicted nor invalidated). Holding the lock over the backing
+   * write (a remote round trip) made every foreground request on the line wait for it.
+   */
   private async writeBackSlot(s: number): Promise<void> {
+    if (this.device.slotDisk[s] !== this.meta.id) return;
     const line = this.device.slotLine[s]!;
-    await this.withLine(line, async () => {
-      if (this.device.slotDisk[s] !== this.meta.id) return;
-      const base = line * this.lineSize;
-      for (const [a, b] of runs(this.device.slotValid(s), 0, this.spl)) {
-        const from = a * SECTOR;
-        const to = Math.min(b * SECTOR, this.size - base);
-        if (to <= from) continue;
-        const data = Buffer.allocUnsafe(to - from);
-        try {
-          await this.device.readData(s, from, data);
-        } catch (e) {
-          if (!this.degrading) throw e;
-          // The device failed: these dirty sectors are lost; reads of them fail (EIO).
-          for (let x = a; x < b; x++) this.unreadable.add(base + x * SECTOR);
-          this.st.lost += to - from;
-          continue;
-        }
-        await this.backing.write(base + from, data);
+    const base = line * this.lineSize;
+    const pieces: Array<{ at: number; data: Buffer }> = [];
+    for (const [a, b] of runs(this.device.slotValid(s), 0, this.spl)) {
+      const from = a * SECTOR;
+      const to = Math.min(b * SECTOR, this.size - base);
+      if (to <= from) continue;
+      const data = Buffer.allocUnsafe(to - from);
+      try {
+        if (!this.device.readDataSync(s, from, data)) await this.device.readData(s, from, data);
+      } catch (e) {
+        if (!this.degrading) throw e;
+        // The device failed: these dirty sectors are lost; reads of them fail (EIO).
+        for (let x = a; x < b; x++) this.unreadable.add(base + x * SECTOR);
+        this.st.lost += to - from;
+        continue;
       }
-    });
+      pieces.push({ at: base + from, data });
+    }
+    // all read first: no backing write may fail unobserved while a device read is awaited
+    await Promise.all(pieces.map((p) => this.backing.write(p.at, p.data)));
   }
 
   /** A written-back slot whose every valid sector is shadowed by newer slots is freed. */
