@@ -115,6 +115,8 @@ export const diskCacheSchema = z.strictObject({
   maxDirty: sizeSchema.optional(),
   /** Most cache space the disk may hold (the per-disk allotment); default: no bound but the device. */
   allotment: sizeSchema.optional(),
+  /** A read miss on a line the cache holds nothing of fetches the whole line (one remote round trip per line); default false. */
+  fillWholeLines: z.boolean().optional(),
 });
 
 /** The host's cache device (top-level `cache`): shared by every disk of the host. */
@@ -432,7 +434,7 @@ export interface DiskConfig {
   /** The vhost-user-blk socket; absent unless configured. */
   vhostUser?: { socket: string; queues: number; serial?: string };
   /** The disk's cache settings (absent: the daemon's default mode, when it has a cache device). */
-  cache?: { mode?: (typeof CACHE_MODE_NAMES)[number]; maxDirtyBytes?: number; allotmentBytes?: number };
+  cache?: { mode?: (typeof CACHE_MODE_NAMES)[number]; maxDirtyBytes?: number; allotmentBytes?: number; fillWholeLines?: boolean };
 }
 
 export interface VmConfig {
@@ -606,6 +608,7 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
             ...(d.cache.mode !== undefined ? { mode: d.cache.mode } : {}),
             ...(d.cache.maxDirty !== undefined ? { maxDirtyBytes: d.cache.maxDirty } : {}),
             ...(d.cache.allotment !== undefined ? { allotmentBytes: d.cache.allotment } : {}),
+            ...(d.cache.fillWholeLines !== undefined ? { fillWholeLines: d.cache.fillWholeLines } : {}),
           },
         }
       : {}),

@@ -48,6 +48,7 @@ export interface DiskCacheSettings {
   mode?: CacheMode;
   maxDirtyBytes?: number;
   allotmentBytes?: number;
+  fillWholeLines?: boolean;
 }
 
 /** Mode of a disk that names none. */
@@ -216,6 +217,7 @@ export class CacheHost {
       mode: settings.mode ?? DEFAULT_DISK_MODE,
       ...(settings.maxDirtyBytes !== undefined ? { maxDirtyBytes: settings.maxDirtyBytes } : {}),
       ...(settings.allotmentBytes !== undefined ? { allotmentBytes: settings.allotmentBytes } : {}),
+      ...(settings.fillWholeLines !== undefined ? { fillWholeLines: settings.fillWholeLines } : {}),
       ...(this.ram ? { ram: this.ram } : {}),
       logger: log,
       ...(resolver && volumeName
