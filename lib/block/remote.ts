@@ -49,6 +49,17 @@
  *   the page cache, so a read after an acknowledged write sees it. The descriptor is dropped when
  *   the node ends its lease, when any NBD connection breaks (asked for again once connected), on
  *   close(), and while the replicated layer says the replica is not in sync (setShortCircuit).
+ * - Short-circuit local writes (`shortCircuitWrites`, on by default with short-circuit reads):
+ *   the descriptor is asked for read-write, and while it is held a write is pwrite on it (FUA:
+ *   pwrite + fdatasync) and FLUSH is fdatasync of it (plus an NBD FLUSH when something went over
+ *   NBD since the last one: trims, zeroes, writes made while no descriptor was held), with no NBD
+ *   round trip and no copy through the node. The node keeps no state about the data (why that is
+ *   so, and what would break it: lib/node/shortcircuit.ts). A local write that fails with the
+ *   disk's error (EIO, ENOSPC) fails as the node's error reply would (the replicated layer
+ *   demotes the replica); one whose lease ended before it was known to be done (ESHUTDOWN, see
+ *   lib/block/shortcircuit.ts) is treated as a write whose connection broke: it is sent again
+ *   over NBD (writes are idempotent and the local copy is complete before the NBD one is sent),
+ *   and fails when NBD is down too, so the replicated layer marks and demotes exactly as for NBD.
  * - Requests larger than the server accepts are split; writeZeroes is emulated by writes of
  *   zeroes when the server lacks WRITE_ZEROES; FUA is emulated by a flush when the server lacks
  *   SEND_FUA; unaligned requests on a server with a minimum block size are read-modify-written.
@@ -90,6 +101,8 @@ export interface RemoteVolumeOptions {
   priority?: 'normal' | 'high';
   /** Short-circuit local reads when the node offers them (default true). */
   shortCircuit?: boolean;
+  /** Short-circuit local writes too: ask for a read-write descriptor (default: as shortCircuit). */
+  shortCircuitWrites?: boolean;
   logger: Logger;
 }
 
@@ -101,6 +114,10 @@ export interface ShortCircuitStatus {
   reads: number;
   /** Descriptors received so far. */
   grants: number;
+  /** Writes (and FUA writes) served by the descriptor so far. */
+  writes: number;
+  /** The descriptor held now is read-write. */
+  writable: boolean;
 }
 
 export interface RemoteDownEvent {
@@ -167,6 +184,12 @@ export class RemoteVolume extends EventEmitter implements Volume {
   private scRefused = false;
   /** Reads served by the short-circuit descriptor. */
   shortCircuitReads = 0;
+  /** Writes served by the short-circuit descriptor. */
+  shortCircuitWrites = 0;
+  /** Ask for a read-write descriptor. */
+  private readonly scWrite: boolean;
+  /** Something was written over NBD since the last flush (the flush then goes over NBD too). */
+  private nbdDirty = false;
   private scGrants = 0;
   private readonly onPathHealthy = (p: Path): void => {
     for (const s of this.slots) {
@@ -225,6 +248,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
     paths.on('change', this.onPathChange);
     paths.on('healthy', this.onPathHealthy);
     this.scSocket = opts.shortCircuit === false ? null : shortCircuitSocket(paths.paths.map((p) => p.address));
+    this.scWrite = !readOnly && (opts.shortCircuitWrites ?? opts.shortCircuit ?? true);
     this.attach(this.slots[0]!, first);
     const every = paths.policy.healthIntervalMs;
     if (every > 0) {
@@ -330,14 +354,14 @@ export class RemoteVolume extends EventEmitter implements Volume {
   }
 
   shortCircuitStatus(): ShortCircuitStatus {
-    return { active: this.sc !== null, reads: this.shortCircuitReads, grants: this.scGrants };
+    return { active: this.sc !== null, reads: this.shortCircuitReads, grants: this.scGrants, writes: this.shortCircuitWrites, writable: this.sc?.writable ?? false };
   }
 
   /** Asks the node for a descriptor, in the background, when allowed and none is held. */
   private acquireShortCircuit(): void {
     if (this.scSocket === null || this.sc !== null || this.scAcquiring || !this.scAllowed || this.scRefused || this.closed || !this.up) return;
     this.scAcquiring = true;
-    ShortCircuitReader.open({ socket: this.scSocket, volume: this.opts.export }).then(
+    ShortCircuitReader.open({ socket: this.scSocket, volume: this.opts.export, write: this.scWrite }).then(
       (r) => {
         this.scAcquiring = false;
         // Checked again now: the replica may have left in-sync, or a connection broken, meanwhile.
@@ -356,7 +380,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
           const t = setTimeout(() => this.acquireShortCircuit(), 200);
           t.unref();
         });
-        this.log.info({ socket: this.scSocket, generation: r.generation }, 'remote: short-circuit reads from the local file');
+        this.log.info({ socket: this.scSocket, generation: r.generation, writable: r.writable }, r.writable ? 'remote: short-circuit reads and writes on the local file' : 'remote: short-circuit reads from the local file');
       },
       (e: unknown) => {
         this.scAcquiring = false;
@@ -597,6 +621,13 @@ export class RemoteVolume extends EventEmitter implements Volume {
   }
 
   write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    const r = this.sc;
+    if (r !== null && r.writable && buf.length > 0 && offset + buf.length <= this.size) return this.writeLocal(r, offset, buf, opts);
+    return this.writeNbd(offset, buf, opts);
+  }
+
+  private writeNbd(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    this.nbdDirty = true;
     // The common case without an async frame: aligned, one wire request, FUA native or absent.
     if (buf.length > 0 && buf.length <= this.limits.maximum && !this.caps.readOnly && !this.closed && (this.limits.minimum === 1 || (offset % this.limits.minimum === 0 && buf.length % this.limits.minimum === 0))) {
       const fua = opts?.fua === true;
@@ -610,6 +641,23 @@ export class RemoteVolume extends EventEmitter implements Volume {
       }
     }
     return this.writeSlow(offset, buf, opts);
+  }
+
+  /**
+   * A short-circuit write: pwrite on the node's file (+ fdatasync for FUA). A lease that ended
+   * meanwhile (ESHUTDOWN) is a broken path: the write goes over NBD instead (see the header).
+   */
+  private writeLocal(r: ShortCircuitReader, offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
+    const fua = opts?.fua === true;
+    return r.write(offset, buf).then(() => (fua ? r.datasync() : undefined)).then(
+      () => void this.shortCircuitWrites++,
+      (e: unknown) => {
+        const err = toVolumeError(e);
+        if (err.code !== 'ESHUTDOWN' || this.closed) throw err;
+        this.log.debug({ err: err.message }, 'remote: short-circuit write lost its lease; over NBD');
+        return this.writeNbd(offset, buf, opts);
+      },
+    );
   }
 
   private async writeSlow(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {
@@ -657,6 +705,25 @@ export class RemoteVolume extends EventEmitter implements Volume {
       this.pick();
       return;
     }
+    const r = this.sc;
+    if (r !== null && r.writable) {
+      // fdatasync of the file covers every page of the inode (ours and the node's); NBD FLUSH
+      // as well for what went over NBD since the last flush.
+      const nbd = this.nbdDirty;
+      this.nbdDirty = false;
+      try {
+        await Promise.all([r.datasync(), nbd ? this.flushNbd() : undefined]);
+        return;
+      } catch (e) {
+        if (nbd) this.nbdDirty = true;
+        if (toVolumeError(e).code !== 'ESHUTDOWN' || this.closed) throw toVolumeError(e);
+        // The lease ended (or NBD broke): the node's own flush decides.
+      }
+    }
+    await this.flushNbd();
+  }
+
+  private async flushNbd(): Promise<void> {
     // Every connection: with multi-conn one flush covers all, but a connection's own flush is
     // the portable guarantee for writes that it carried.
     const conns = this.liveConnections();
@@ -671,6 +738,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
 
   async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
     this.writable();
+    this.nbdDirty = true;
     this.pick();
     if (!this.caps.trim || length === 0) return;
     const m = this.limits.minimum;
@@ -685,6 +753,7 @@ export class RemoteVolume extends EventEmitter implements Volume {
 
   async writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     this.writable();
+    this.nbdDirty = true;
     if (opts?.fastZero && !this.caps.fastZero) throw new VolumeError('ENOTSUP', `remote ${this.id}: the server offers no fast zero`);
     this.pick();
     if (length === 0) return;

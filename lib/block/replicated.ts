@@ -82,7 +82,7 @@ export interface ReplicaVolume extends Volume {
   /** Optional: the replica is in sync (true) or not (false: local reads must stop at once). */
   setShortCircuit?(allowed: boolean): void;
   /** Optional: short-circuit state for status and metrics. */
-  shortCircuitStatus?(): { active: boolean; reads: number; grants: number } | undefined;
+  shortCircuitStatus?(): { active: boolean; reads: number; grants: number; writes?: number; writable?: boolean } | undefined;
 }
 
 export interface ReplicatedVolumeOptions {
@@ -125,7 +125,7 @@ export interface ReplicaStatus {
   /** Present while a resync or rebuild copies. */
   resync: ResyncProgress | null;
   /** Short-circuit local reads of this replica (when it can have them). */
-  shortCircuit?: { active: boolean; reads: number; grants: number };
+  shortCircuit?: { active: boolean; reads: number; grants: number; writes?: number; writable?: boolean };
 }
 
 /** Emitted as 'state' when a replica changes state, is added or dropped. */
@@ -178,7 +178,7 @@ type Outcome = { rep: Rep; ok: true } | { rep: Rep; ok: false; err: VolumeError 
 
 function noop(): void {}
 
-function shortCircuitOf(v: ReplicaVolume): { shortCircuit?: { active: boolean; reads: number; grants: number } } {
+function shortCircuitOf(v: ReplicaVolume): { shortCircuit?: ReplicaStatus['shortCircuit'] } {
   const s = v.shortCircuitStatus?.();
   return s ? { shortCircuit: s } : {};
 }

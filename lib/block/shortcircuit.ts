@@ -13,17 +13,30 @@
  * no promise), `read` goes through libuv's thread pool for what is not cached. A short read
  * (end of file before the end of the range: the file is not what the lease said) fails with EIO
  * and invalidates the reader; the caller falls back to NBD.
+ *
+ * Writes (short-circuit local writes, asked for with `write: true`; the node says whether the
+ * descriptor is read-write): `write` is pwrite through the thread pool, `datasync` fdatasync.
+ * Each of them checks the lease when it completes, synchronously, by a non-blocking receive on
+ * the lease socket (end of stream or any byte: ended) before it resolves, so an operation that
+ * completed while the node was ending the lease is never reported done: it fails with ESHUTDOWN,
+ * as an NBD write whose connection broke fails (the caller, RemoteVolume, then tries NBD, and
+ * the replicated layer demotes the replica when that fails too). The node ends the lease before
+ * it changes the file, so an operation that completed before the check saw the lease still
+ * held landed in the file the lease was for. Errors of the local disk (EIO, ENOSPC) are the
+ * replica's answer, as the node's NBD error reply would be: they are passed up, not retried.
  */
 import { EventEmitter } from 'node:events';
-import { read as fsRead } from 'node:fs';
+import { fdatasync as fsDatasync, read as fsRead, write as fsWrite } from 'node:fs';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
-import { VolumeError } from './errors.js';
+import { VolumeError, toVolumeError } from './errors.js';
 
 export interface ShortCircuitOpenOptions {
   /** The node's short-circuit socket (`<nbd socket>.sc`). */
   socket: string;
   /** Export (volume) name on the node. */
   volume: string;
+  /** Ask for a read-write descriptor (short-circuit writes). */
+  write?: boolean;
   /** The reply must come within this (ms). Default 2000. */
   timeoutMs?: number;
   native?: NativeAddon;
@@ -36,6 +49,8 @@ const MAX_REPLY = 4096;
 export class ShortCircuitReader extends EventEmitter {
   readonly generation: number;
   readonly size: number;
+  /** The descriptor is read-write (the node granted short-circuit writes). */
+  readonly writable: boolean;
   private readonly n: NativeAddon;
   private fd: number;
   private readonly sock: number;
@@ -45,9 +60,10 @@ export class ShortCircuitReader extends EventEmitter {
   private busy = 0;
   private reason: string | null = null;
 
-  private constructor(n: NativeAddon, sock: number, watcher: NativeFdWatcher, fd: number, generation: number, size: number) {
+  private constructor(n: NativeAddon, sock: number, watcher: NativeFdWatcher, fd: number, generation: number, size: number, writable: boolean) {
     super();
     this.n = n;
+    this.writable = writable;
     this.sock = sock;
     this.fd = fd;
     this.generation = generation;
@@ -107,7 +123,7 @@ export class ShortCircuitReader extends EventEmitter {
           if (len >= MAX_REPLY) finish(new VolumeError('EIO', `short-circuit ${o.socket}: reply too long`));
           return;
         }
-        let rep: { ok?: unknown; generation?: unknown; size?: unknown; code?: unknown; message?: unknown };
+        let rep: { ok?: unknown; generation?: unknown; size?: unknown; writable?: unknown; code?: unknown; message?: unknown };
         try {
           rep = JSON.parse(buf.subarray(0, nl).toString('utf8')) as typeof rep;
         } catch {
@@ -121,13 +137,13 @@ export class ShortCircuitReader extends EventEmitter {
           return finish(new VolumeError('EIO', `short-circuit ${o.socket}: reply without one descriptor`));
         }
         // The lease is also over if the node closed right behind its reply: the watcher sees it next.
-        reader = new ShortCircuitReader(n, sock, w, fds[0]!, rep.generation, rep.size);
+        reader = new ShortCircuitReader(n, sock, w, fds[0]!, rep.generation, rep.size, o.write === true && rep.writable === true);
         finish(null, reader);
       });
       const timer = setTimeout(() => finish(new VolumeError('ETIMEDOUT', `short-circuit ${o.socket}: no reply in ${o.timeoutMs ?? 2000} ms`)), o.timeoutMs ?? 2000);
       timer.unref();
       try {
-        n.sendMsg(sock, Buffer.from(JSON.stringify({ v: 1, volume: o.volume }) + '\n'), [], 1000);
+        n.sendMsg(sock, Buffer.from(JSON.stringify(o.write ? { v: 1, volume: o.volume, write: true } : { v: 1, volume: o.volume }) + '\n'), [], 1000);
       } catch (e) {
         finish(new VolumeError('EIO', `short-circuit ${o.socket}: ${(e as Error).message}`));
         return;
@@ -178,6 +194,70 @@ export class ShortCircuitReader extends EventEmitter {
     });
   }
 
+  /**
+   * pwrite of all of buf at offset through the thread pool. Resolves only when every byte was
+   * written and the lease still held afterwards (see the header): ESHUTDOWN when it ended before
+   * or during the write, the local error (EIO, ENOSPC...) when the write failed.
+   */
+  write(offset: number, buf: Buffer): Promise<void> {
+    if (!this.valid || !this.writable) return Promise.reject(new VolumeError('ESHUTDOWN', `short-circuit: ${this.reason ?? 'read-only descriptor'}`));
+    this.busy++;
+    return new Promise<void>((resolve, reject) => {
+      const step = (pos: number): void => {
+        fsWrite(this.fd, buf, pos, buf.length - pos, offset + pos, (err, n) => {
+          if (err || n === 0) {
+            this.release();
+            reject(err ? toVolumeError(err) : new VolumeError('EIO', `short-circuit pwrite at ${offset + pos}: nothing written`));
+            return;
+          }
+          if (pos + n < buf.length) return step(pos + n);
+          this.release();
+          this.settle(resolve, reject, 'pwrite');
+        });
+      };
+      step(0);
+    });
+  }
+
+  /** fdatasync of the file (every page of the inode, whoever dirtied it); ESHUTDOWN when the lease ended meanwhile. */
+  datasync(): Promise<void> {
+    if (!this.valid) return Promise.reject(new VolumeError('ESHUTDOWN', `short-circuit: ${this.reason ?? 'invalid'}`));
+    this.busy++;
+    return new Promise<void>((resolve, reject) => {
+      fsDatasync(this.fd, (err) => {
+        this.release();
+        if (err) reject(toVolumeError(err));
+        else this.settle(resolve, reject, 'fdatasync');
+      });
+    });
+  }
+
+  /** Resolves when the lease still holds now, else rejects with ESHUTDOWN (and invalidates). */
+  private settle(resolve: () => void, reject: (e: unknown) => void, what: string): void {
+    if (this.leaseHolds()) resolve();
+    else reject(new VolumeError('ESHUTDOWN', `short-circuit ${what}: the lease ended (${this.reason ?? 'ended'})`));
+  }
+
+  /**
+   * The lease holds now: checked on the socket itself (a non-blocking receive), not only by the
+   * watcher, whose end-of-stream event may still be queued behind this completion in the loop.
+   */
+  leaseHolds(): boolean {
+    if (!this.valid) return false;
+    let got: number;
+    const fds: number[] = [];
+    try {
+      got = this.n.recvMsg(this.sock, leaseScratch, fds);
+      for (const f of fds) closeQuietly(this.n, f);
+    } catch (e) {
+      this.invalidate(`lease socket: ${(e as Error).message}`);
+      return false;
+    }
+    if (got < 0) return true; // nothing to read: still open
+    this.invalidate(got === 0 ? 'the node ended the lease' : 'the node sent on the lease');
+    return false;
+  }
+
   /** Drops the descriptor (idempotent); emits 'invalid' (reason) the first time. */
   invalidate(reason: string): void {
     if (!this.valid) return;
@@ -200,6 +280,9 @@ export class ShortCircuitReader extends EventEmitter {
     this.fd = -1;
   }
 }
+
+/** Receive buffer of the lease checks (nothing is expected; anything ends the lease). */
+const leaseScratch = Buffer.allocUnsafe(64);
 
 function closeQuietly(n: NativeAddon, fd: number): void {
   try {

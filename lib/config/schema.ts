@@ -102,6 +102,12 @@ export const volumeDiskSchema = z.strictObject({
    * of an NBD round trip. Default true (used when the node offers it); false turns it off.
    */
   shortCircuit: z.boolean().optional(),
+  /**
+   * Short-circuit local writes: the descriptor is read-write and in-sync local replicas are
+   * written with pwrite/fdatasync instead of NBD. Default: as shortCircuit (docs/ARCHITECTURE.md
+   * argues why); false keeps writes on NBD while reads stay local.
+   */
+  shortCircuitWrites: z.boolean().optional(),
 });
 
 /** Cache modes of a disk (lib/block/cache/volume.ts). */
@@ -417,6 +423,8 @@ export interface VolumeSpec {
   connections: number;
   /** Short-circuit local reads of replicas on this host (default true). */
   shortCircuit: boolean;
+  /** Short-circuit local writes of in-sync replicas on this host (default: shortCircuit). */
+  shortCircuitWrites: boolean;
 }
 
 export interface DiskConfig {
@@ -584,6 +592,7 @@ export function resolveDisk(vmName: string, d: z.output<typeof diskSchema>, ctx:
             rebuildAfterMs: v.rebuildAfterMs ?? 600_000,
             connections: v.connections ?? 2,
             shortCircuit: v.shortCircuit ?? true,
+            shortCircuitWrites: v.shortCircuitWrites ?? v.shortCircuit ?? true,
           },
         }
       : {}),

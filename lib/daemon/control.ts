@@ -283,6 +283,7 @@ export function renderMetrics(s: DaemonStatus): string {
   family('vstore_replica_up', 'gauge', '1 when the replica is reachable.', reps.map(({ labels, r }) => [labels, r.up ? 1 : 0]));
   const scs = reps.filter(({ r }) => r.shortCircuit !== undefined);
   family('vstore_remote_shortcircuit_reads_total', 'counter', 'Reads of the replica served by short-circuit (pread on the local volume file the node handed over) instead of NBD.', scs.map(({ labels, r }) => [labels, r.shortCircuit!.reads]));
+  family('vstore_remote_shortcircuit_writes_total', 'counter', 'Writes to the replica done by short-circuit (pwrite on the local volume file the node handed over read-write) instead of NBD.', scs.map(({ labels, r }) => [labels, r.shortCircuit!.writes ?? 0]));
   family('vstore_remote_shortcircuit_active', 'gauge', '1 while the daemon holds a short-circuit descriptor of the replica (node on this host, replica in sync).', scs.map(({ labels, r }) => [labels, r.shortCircuit!.active ? 1 : 0]));
   family('vstore_replica_dirty_bytes', 'gauge', 'Bytes the replica missed (dirty-region log), to be resynced.', reps.map(({ labels, r }) => [labels, r.dirtyBytes]));
   family(

@@ -107,7 +107,7 @@ export interface ReplicationStatus {
   replicas: Array<{
     id: string; state: string; up: boolean; dirtyBytes: number; resync?: { doneBytes: number; totalBytes: number };
     /** Short-circuit local reads (a node on this host): descriptor held now, reads served by it. */
-    shortCircuit?: { active: boolean; reads: number; grants: number };
+    shortCircuit?: { active: boolean; reads: number; grants: number; writes?: number; writable?: boolean };
   }>;
 }
 

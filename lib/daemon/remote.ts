@@ -342,6 +342,7 @@ export class RemoteDisks {
       ...(vm !== undefined ? { vm } : {}),
       priority,
       shortCircuit: spec.shortCircuit ?? true,
+      shortCircuitWrites: spec.shortCircuitWrites ?? spec.shortCircuit ?? true,
       logger: log.child({ replica: n.id }),
     };
     try {
@@ -444,7 +445,7 @@ export class PendingReplica extends EventEmitter implements ReplicaVolume {
     this.scAllowed = allowed;
     this.inner?.setShortCircuit(allowed);
   }
-  shortCircuitStatus(): { active: boolean; reads: number; grants: number } | undefined {
+  shortCircuitStatus(): { active: boolean; reads: number; grants: number; writes?: number; writable?: boolean } | undefined {
     return this.inner?.shortCircuitStatus();
   }
   async write(offset: number, buf: Buffer, opts?: WriteOptions): Promise<void> {

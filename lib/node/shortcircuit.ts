@@ -5,7 +5,7 @@
  *
  * Next to each unix NBD listen socket `P`, the node listens on `P.sc` (mode 0600). A daemon on
  * this host connects, sends one request line `{"v":1,"volume":NAME}\n` and gets back one reply
- * line — `{"ok":true,"generation":G,"size":S}\n` with a read-only descriptor of the volume's file
+ * line — `{"ok":true,"generation":G,"size":S,"writable":false}\n` with a read-only descriptor of the volume's file
  * attached (SCM_RIGHTS), or `{"ok":false,"code":...,"message":...}\n` — and keeps the connection
  * open: it is the lease of that descriptor. The node ends it (the daemon sees end of stream and
  * drops the descriptor) whenever the descriptor may stop showing what the volume holds: the
@@ -25,6 +25,27 @@
  * later pread sees the data. A node volume opened with O_DIRECT would write around the page
  * cache of the file the daemon reads (pages it cached earlier would be stale), so `open` refuses
  * short-circuit for such a volume (checked on the node's own descriptor, /proc/self/fdinfo).
+ *
+ * Short-circuit local writes: a request `{"v":1,"volume":NAME,"write":true}` gets a read-write
+ * descriptor (the reply says `"writable":true`; a node that predates writes ignores the field and
+ * hands a read-only one, which the daemon then uses for reads only). Same peer check, same
+ * O_DIRECT refusal, same lease. The daemon then pwrites an in-sync replica's file itself and
+ * fdatasyncs it for FLUSH and FUA (lib/block/shortcircuit.ts, lib/block/remote.ts).
+ *
+ * Why writing the node's file behind its back is safe: the node keeps no state about the data
+ * of a volume, only the file does. Checked in lib/node: VolumeStore keeps an open FileVolume per
+ * exported volume, whose only cached facts are its size (fixed while the lease lasts: grow and
+ * delete unexport first, which ends the lease, and grow only extends the same inode) and timing
+ * state of inline writes; allocation (`allocated`, block status) is asked of the filesystem
+ * (stat, SEEK_DATA/SEEK_HOLE) at each call; the node's writes go through the page cache and its
+ * FLUSH is fdatasync of the same inode, which also covers pages the daemon dirtied. The node's
+ * OrderedVolume orders only what arrives over NBD: the daemon's own OrderedVolume orders every
+ * overlapping guest request before either path is taken, and the replicated layer's resync of a
+ * replica goes over NBD only (short-circuit is off while a replica is not in sync). The
+ * generations here number leases, not data. What would break it: a node that caches or buffers
+ * data itself (a write-back cache, checksums or a log-structured or copy-on-write format,
+ * snapshots), opens volumes O_DIRECT (refused below), keeps allocation maps in memory, or
+ * shrinks/replaces a file without ending the leases first.
  */
 import { chmod } from 'node:fs/promises';
 import { closeSync, constants as FS, openSync, readFileSync, rmSync } from 'node:fs';
@@ -45,7 +66,7 @@ const MAX_REQUEST = 4096;
 const O_DIRECT_FLAG = FS.O_DIRECT;
 
 export interface ShortCircuitVolume {
-  /** The volume's file (opened read-only for the peer). */
+  /** The volume's file (opened read-only for the peer, read-write when it asked for writes). */
   file: string;
   size: number;
   /** The node's own descriptor of the volume, to check that it is not O_DIRECT. */
@@ -66,6 +87,8 @@ interface Conn {
   buf: Buffer;
   len: number;
   volume: string | null;
+  /** The peer asked for a read-write descriptor. */
+  write: boolean;
   closed: boolean;
 }
 
@@ -93,6 +116,8 @@ export class ShortCircuitServer {
   private closed = false;
   /** Descriptors handed out (tests, logs). */
   granted = 0;
+  /** Of those, read-write (short-circuit writes). */
+  grantedWritable = 0;
   refused = 0;
 
   private constructor(o: ShortCircuitServerOptions, n: NativeAddon, lfd: number) {
@@ -139,10 +164,10 @@ export class ShortCircuitServer {
     if (n > 0) this.log.info({ volume: name, leases: n, why }, 'short-circuit: descriptors invalidated');
   }
 
-  /** Leases held now for `name` (tests). */
-  leases(name?: string): number {
+  /** Leases held now for `name` (tests); `writable` counts only read-write ones. */
+  leases(name?: string, writable?: boolean): number {
     let k = 0;
-    for (const c of this.conns) if (c.volume !== null && (name === undefined || c.volume === name)) k++;
+    for (const c of this.conns) if (c.volume !== null && (name === undefined || c.volume === name) && (writable === undefined || c.write === writable)) k++;
     return k;
   }
 
@@ -179,7 +204,7 @@ export class ShortCircuitServer {
         this.n.closeFd(fd);
         continue;
       }
-      const c: Conn = { fd, watcher: null as unknown as NativeFdWatcher, buf: Buffer.allocUnsafe(MAX_REQUEST), len: 0, volume: null, closed: false };
+      const c: Conn = { fd, watcher: null as unknown as NativeFdWatcher, buf: Buffer.allocUnsafe(MAX_REQUEST), len: 0, volume: null, write: false, closed: false };
       c.watcher = new this.n.FdWatcher(fd, (status) => this.onReadable(c, status));
       this.conns.add(c);
       c.watcher.start();
@@ -222,9 +247,10 @@ export class ShortCircuitServer {
     }
     let name: string;
     try {
-      const req = JSON.parse(c.buf.subarray(0, nl).toString('utf8')) as { v?: unknown; volume?: unknown };
-      if (req.v !== 1 || typeof req.volume !== 'string') throw new Error('bad request');
+      const req = JSON.parse(c.buf.subarray(0, nl).toString('utf8')) as { v?: unknown; volume?: unknown; write?: unknown };
+      if (req.v !== 1 || typeof req.volume !== 'string' || (req.write !== undefined && typeof req.write !== 'boolean')) throw new Error('bad request');
       name = req.volume;
+      c.write = req.write === true;
     } catch {
       this.reply(c, { ok: false, code: 'EINVAL', message: 'bad short-circuit request' });
       return this.end(c);
@@ -241,10 +267,12 @@ export class ShortCircuitServer {
       if (c.closed) return;
       if (this.generation(name) !== gen) throw new VolumeError('EAGAIN', `volume ${name} changed while it was being opened`);
       if (v.nodeFd !== undefined && fdIsDirect(v.nodeFd)) throw new VolumeError('ENOTSUP', `volume ${name} is written with O_DIRECT: the page cache would not be coherent`);
-      fd = openSync(v.file, FS.O_RDONLY) // Node opens with O_CLOEXEC;
-      this.reply(c, { ok: true, generation: gen, size: v.size }, fd);
+      // Node opens with O_CLOEXEC. Never O_CREAT/O_TRUNC: the file must exist as exported.
+      fd = openSync(v.file, c.write ? FS.O_RDWR : FS.O_RDONLY);
+      this.reply(c, { ok: true, generation: gen, size: v.size, writable: c.write }, fd);
       this.granted++;
-      this.log.debug({ volume: name, generation: gen }, 'short-circuit: descriptor granted');
+      if (c.write) this.grantedWritable++;
+      this.log.debug({ volume: name, generation: gen, writable: c.write }, 'short-circuit: descriptor granted');
     } catch (e) {
       const err = toVolumeError(e);
       this.reply(c, { ok: false, code: err.code, message: err.message });

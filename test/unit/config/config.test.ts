@@ -192,7 +192,7 @@ describe('remote volumes, resolver and embedded nodes', () => {
     );
     expect(c.resolver).toEqual({ store: '/srv/state/resolver.json', listen: ['unix:/srv/state/resolver.sock'] });
     expect(c.nodes).toEqual([{ id: 'n1', data: '/srv/n1', listen: ['unix:/srv/n1/nbd.sock', '127.0.0.1:0'], control: ['unix:/srv/n1/control.sock'] }]);
-    expect(c.vms[0]!.disks[0]!.volume).toEqual({ name: 'vm1/disk0', size: 2 ** 30, replicas: 2, waitTimeoutMs: 60_000, rebuildAfterMs: 600_000, connections: 2, shortCircuit: true });
+    expect(c.vms[0]!.disks[0]!.volume).toEqual({ name: 'vm1/disk0', size: 2 ** 30, replicas: 2, waitTimeoutMs: 60_000, rebuildAfterMs: 600_000, connections: 2, shortCircuit: true, shortCircuitWrites: true });
     expect(c.vms[0]!.disks[0]!.file).toBeUndefined();
   });
 
