@@ -22,6 +22,7 @@
 #
 #   bash bench/cache.sh                    # needs `npm run build` first; 3 rounds
 #   REGION_MIB=64 IODEPTH=16 ROUNDS=1 bash bench/cache.sh
+#   WHOLE_LINES=true bash bench/cache.sh   # the cached disk with fillWholeLines (a miss fetches its line)
 #   VSTORE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" ROUNDS=1 bash bench/cache.sh
 #       profiles the daemon; $OUT/times.txt has each job's CLOCK_MONOTONIC window (ms), which
 #       `node bench/cpuprof-slice.mjs PROFILE $OUT/times.txt` uses to print where each job's
@@ -34,6 +35,7 @@ IODEPTH=${IODEPTH:-16}
 DELAY=${DELAY:-1ms}
 ROUNDS=${ROUNDS:-3}
 BALLOON=${BALLOON:-false}
+WHOLE_LINES=${WHOLE_LINES:-false}
 OUT=${OUT:-$ROOT/bench/out-cache}
 WORK=${BENCH_DIR:-${TMPDIR:-/tmp}/vstore-bench-cache}
 VSTORE="node $ROOT/bin/vstore.js"
@@ -87,7 +89,7 @@ cat > "$WORK/config.json" <<JSON
   "cache": { "device": "$WORK/cache.img", "size": "$((SIZE_MIB * 2 + REGION_MIB))M", "lineSize": "64K", "balloon": { "enabled": $BALLOON } },
   "vms": [ { "name": "vm", "disks": [
     { "name": "local", "file": "$WORK/local.img", "cache": { "mode": "pass-through" } },
-    { "name": "d0", "volume": { "name": "bench/d0", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "write-back" } },
+    { "name": "d0", "volume": { "name": "bench/d0", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "write-back", "fillWholeLines": $WHOLE_LINES } },
     { "name": "d1", "volume": { "name": "bench/d1", "size": "${SIZE_MIB}M", "replicas": 1 }, "cache": { "mode": "pass-through" } } ] } ] }
 JSON
 # shellcheck disable=SC2086

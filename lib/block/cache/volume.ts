@@ -242,9 +242,17 @@ export class CacheVolume implements Volume {
   }
 
   get caps(): VolumeCapabilities {
+    // Asked per request by the layers above: derived again only when the backing volume's
+    // object changes (a new object per call was a measurable share of a 4 KiB write).
     const b = this.backing.caps;
-    return { ...b, flush: !b.readOnly, fua: !b.readOnly, prefetch: true, multiConn: true };
+    if (b !== this.capsOf) {
+      this.capsOf = b;
+      this.capsNow = { ...b, flush: !b.readOnly, fua: !b.readOnly, prefetch: true, multiConn: true };
+    }
+    return this.capsNow!;
   }
+  private capsOf: VolumeCapabilities | undefined;
+  private capsNow: VolumeCapabilities | undefined;
 
   get mode(): CacheMode {
     return this.modeNow;
