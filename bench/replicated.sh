@@ -12,10 +12,11 @@
 #   bash bench/replicated.sh                         # 8 s per run, 1 round
 #   RUNTIME=5 ROUNDS=3 bash bench/replicated.sh
 #   VSTORE_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" bash bench/replicated.sh   # profile the daemon
-#   SHORT_CIRCUIT=false bash bench/replicated.sh     # every read over NBD (the daemon's volume.shortCircuit)
+#   SHORT_CIRCUIT=false bash bench/replicated.sh     # every read and write over NBD (volume.shortCircuit)
+#   SHORT_CIRCUIT_WRITES=false bash bench/replicated.sh   # reads local, writes over NBD (volume.shortCircuitWrites)
 #
-# Both nodes run on this host over unix sockets, so by default the daemon reads the replicas'
-# files through short-circuit descriptors (lib/node/shortcircuit.ts); writes always go over NBD.
+# Both nodes run on this host over unix sockets, so by default the daemon reads and writes the
+# replicas' files through short-circuit descriptors (lib/node/shortcircuit.ts).
 #
 # Writes bench/out-replicated/raw/*.json, results.json and bench/replicated.svg; prints a table.
 set -euo pipefail
@@ -27,6 +28,7 @@ RAMP=${RAMP:-2}
 ROUNDS=${ROUNDS:-1}
 SIZE_MIB=${SIZE_MIB:-512}
 SHORT_CIRCUIT=${SHORT_CIRCUIT:-true}
+SHORT_CIRCUIT_WRITES=${SHORT_CIRCUIT_WRITES:-$SHORT_CIRCUIT}
 WORKLOADS=${WORKLOADS:-"seqwrite seqread randread"}
 OUT=${OUT:-$ROOT/bench/out-replicated}
 SVG=${SVG:-$ROOT/bench/replicated.svg}
@@ -69,8 +71,8 @@ resolver: { url: "unix:$WORK/resolver.sock" }
 vms:
   - name: bench
     disks:
-      - { name: disk0, volume: { size: ${SIZE_MIB}M, replicas: 2, shortCircuit: ${SHORT_CIRCUIT} } }
-      - { name: disk1, volume: { size: ${SIZE_MIB}M, replicas: 1, shortCircuit: ${SHORT_CIRCUIT} } }
+      - { name: disk0, volume: { size: ${SIZE_MIB}M, replicas: 2, shortCircuit: ${SHORT_CIRCUIT}, shortCircuitWrites: ${SHORT_CIRCUIT_WRITES} } }
+      - { name: disk1, volume: { size: ${SIZE_MIB}M, replicas: 1, shortCircuit: ${SHORT_CIRCUIT}, shortCircuitWrites: ${SHORT_CIRCUIT_WRITES} } }
 YAML
 node ${VSTORE_NODE_ARGS:-} "$ROOT/bin/vstore.js" serve -c "$WORK/config.yaml" >"$WORK/daemon.log" 2>&1 &
 PIDS+=($!)
