@@ -152,6 +152,36 @@ describe('cache fast paths on a real cache file', () => {
     await vol.close();
   });
 
+  it('the timer does not seal while write-back runs: a slow backing volume never has more than one sealed epoch waiting', async () => {
+    // 16 lines written at random for 1.5 s by writers that never pause (so write-back runs in
+    // its slow mode, one slot at a time); each backing write takes 60 ms, so an epoch takes
+    // longer to write back than the timer's interval (250 ms). Sealing regardless piled up
+    // epochs, each with a new slot for every line written again; now at most the epoch being
+    // written back and the open one are not done (no guest FLUSH here, dirty bound not hit).
+    const { vol } = await setup({ size: 16 * LINE, backingMs: 60 });
+    let x = 777;
+    const rnd = (n: number): number => {
+      x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+      return x % n;
+    };
+    const until = Date.now() + 1500;
+    let tag = 1;
+    let most = 0;
+    await Promise.all(
+      Array.from({ length: 4 }, async () => {
+        while (Date.now() < until) {
+          await vol.write(rnd(16 * 16) * SECTOR, sectorBuf(tag++));
+          const st = vol.stats();
+          most = Math.max(most, st.epoch - st.epochDone);
+        }
+      }),
+    );
+    expect(vol.stats().epoch).toBeGreaterThan(2); // the timer did seal
+    expect(most).toBeLessThanOrEqual(2);
+    await vol.drain();
+    await vol.close();
+  });
+
   it('fillWholeLines: concurrent misses on one line make one backing read of the whole line; then every sector hits', async () => {
     const { backing, mem, vol } = await setup({ fillWholeLines: true });
     for (let s = 0; s < 32; s++) await mem.write(s * SECTOR, sectorBuf(100 + s));
