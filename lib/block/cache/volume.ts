@@ -273,6 +273,9 @@ export class CacheVolume implements Volume {
   async read(offset: number, buf: Buffer): Promise<void> {
     // A hit within one line is answered in this turn: no lock, no promise layers (hitLine).
     if (this.hitNow(offset, buf)) return;
+    // Not cached (pass-through): straight to the backing volume, as the general path below
+    // would, without its layers (a pass-through disk should cost what an uncached one does).
+    if (!this.cached('read') && this.unreadable.size === 0) return this.backing.read(offset, buf);
     this.foreground++;
     try {
       await this.orDegrade(async () => {
