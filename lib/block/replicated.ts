@@ -20,6 +20,11 @@
  * their regions marked. When no in-sync target succeeded, the write is retried (writes are
  * idempotent) until an in-sync replica takes it or `waitMs` runs out (then EIO).
  *
+ * A replica whose node is on this host may take writes and flushes on a local descriptor
+ * (RemoteVolume's short-circuit writes): for this layer they are the replica's write and flush
+ * like any other, with the same outcomes (a local failure, or a lease that ended, is a failed
+ * write), and setState turns them off before anything sees a replica leave in-sync.
+ *
  * Flush goes to the same targets. Writes a replica completed but has not flushed could still be
  * lost if that replica crashes, so each replica keeps the set of regions written since its last
  * successful flush; when it fails a flush or goes 'down', those regions are marked too.
