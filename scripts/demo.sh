@@ -3,7 +3,8 @@
 # (scripts/setup.sh), then runs vstore in the foreground on fixtures/demo.yaml — on this one
 # machine and in one process, an embedded resolver, two storage nodes (./.state/node1, node2)
 # and the host daemon, with one demo VM whose 1 GiB disk is a volume replicated on both nodes
-# (created on first run, found again through the resolver after that) and whose directory
+# (created on first run, found again through the resolver after that), cached write-back in
+# ./.state/cache.img, and whose directory
 # /demo/shared is shared over virtiofs — and prints how to attach
 # it to QEMU and how to look at it. Ctrl-C (SIGINT) or SIGTERM drains, flushes and exits 0.
 set -euo pipefail
@@ -23,6 +24,7 @@ mkdir -p "$STATE/run"
 cat <<INFO
 vstore demo: an embedded resolver, storage nodes node1 and node2, and the daemon serving VM "demo",
 disk "disk0": volume demo/disk0, 1 GiB, one replica on each node ($STATE/node{1,2}/volumes/demo/disk0.img)
+  write-back cache: $STATE/cache.img (FLUSH = durable there; written back to both nodes in order)
   NBD socket:     $SOCK   (export name "")
   vhost-user-blk: $VSOCK
 and share "shared": directory /demo/shared on a storage node ($STATE/node?/dirs/demo/shared)
@@ -52,6 +54,7 @@ and in the guest:
 Look at it:
   nbdinfo 'nbd+unix:///?socket=$SOCK'
   node bin/vstore.js status --control $CONTROL
+  node bin/vstore.js cache stats --control $CONTROL
   node bin/vstore.js resolver show demo/disk0 --resolver unix:$STATE/run/resolver.sock
   node bin/vstore.js resolver nodes --resolver unix:$STATE/run/resolver.sock
   curl --unix-socket $CONTROL http://vstore/metrics
