@@ -44,7 +44,12 @@ mkdir -p "$WORK" "$OUT/raw"
 rm -f "$OUT"/raw/*.json
 VSTORE="node $ROOT/bin/vstore.js"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# The daemon first, and alone: stopped together with the nodes, its last flush can find no
+# replica, and a disk with no reachable replica queues its I/O (VM suspended) instead of exiting.
+cleanup() {
+  if [ -n "${DAEMON_PID:-}" ]; then kill -TERM "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" 2>/dev/null || true; fi
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+}
 trap cleanup EXIT INT TERM
 
 wait_for() { # PATH-or-command, what

@@ -174,23 +174,10 @@ export class ShortCircuitReader extends EventEmitter {
   /** pread through the thread pool until buf is full; EIO on end of file or a lost lease. */
   read(offset: number, buf: Buffer): Promise<void> {
     if (!this.valid) return Promise.reject(new VolumeError('ESHUTDOWN', `short-circuit: ${this.reason ?? 'invalid'}`));
-    this.busy++;
-    return new Promise<void>((resolve, reject) => {
-      const step = (pos: number): void => {
-        fsRead(this.fd, buf, pos, buf.length - pos, offset + pos, (err, n) => {
-          if (err || n === 0) {
-            this.release();
-            const e = new VolumeError('EIO', `short-circuit pread at ${offset + pos}: ${err ? err.message : 'end of file'}`);
-            this.invalidate(e.message);
-            reject(e);
-            return;
-          }
-          if (pos + n < buf.length) return step(pos + n);
-          this.release();
-          resolve();
-        });
-      };
-      step(0);
+    return this.transfer(fsRead, offset, buf, (err, pos) => {
+      const e = new VolumeError('EIO', `short-circuit pread at ${offset + pos}: ${err ? err.message : 'end of file'}`);
+      this.invalidate(e.message);
+      return e;
     });
   }
 
@@ -201,18 +188,33 @@ export class ShortCircuitReader extends EventEmitter {
    */
   write(offset: number, buf: Buffer): Promise<void> {
     if (!this.valid || !this.writable) return Promise.reject(new VolumeError('ESHUTDOWN', `short-circuit: ${this.reason ?? 'read-only descriptor'}`));
+    return this.transfer(fsWrite, offset, buf, (err, pos) =>
+      err ? toVolumeError(err) : new VolumeError('EIO', `short-circuit pwrite at ${offset + pos}: nothing written`),
+    ).then(() => new Promise<void>((resolve, reject) => this.settle(resolve, reject, 'pwrite')));
+  }
+
+  /**
+   * pread/pwrite through the thread pool until all of buf is done, the descriptor kept open
+   * meanwhile; `fail` makes the error of a failed or empty (end of file, nothing written) step.
+   */
+  private transfer(
+    op: (fd: number, b: Buffer, off: number, len: number, pos: number, cb: (err: NodeJS.ErrnoException | null, n: number) => void) => void,
+    offset: number,
+    buf: Buffer,
+    fail: (err: NodeJS.ErrnoException | null, pos: number) => VolumeError,
+  ): Promise<void> {
     this.busy++;
     return new Promise<void>((resolve, reject) => {
       const step = (pos: number): void => {
-        fsWrite(this.fd, buf, pos, buf.length - pos, offset + pos, (err, n) => {
+        op(this.fd, buf, pos, buf.length - pos, offset + pos, (err, n) => {
           if (err || n === 0) {
             this.release();
-            reject(err ? toVolumeError(err) : new VolumeError('EIO', `short-circuit pwrite at ${offset + pos}: nothing written`));
+            reject(fail(err, pos));
             return;
           }
           if (pos + n < buf.length) return step(pos + n);
           this.release();
-          this.settle(resolve, reject, 'pwrite');
+          resolve();
         });
       };
       step(0);

@@ -9,28 +9,13 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { requireCommands, run, tempDir } from '../helpers/index.js';
-import { startDaemonWith, startResolverService, startStorageNode, type DaemonProc, type NodeProc } from '../helpers/cluster.js';
+import { requireCommands, run } from '../helpers/index.js';
+import { startStorageNode, type DaemonProc } from '../helpers/cluster.js';
+import { cluster, replicas, stopAll, until, uri } from './shortcircuit-cluster.js';
 
 beforeAll(() => requireCommands('fio', 'qemu-io', 'qemu-img', 'strace'));
 
 const MiB = 1024 * 1024;
-
-interface ReplicaView {
-  id: string;
-  state: string;
-  up: boolean;
-  dirtyBytes: number;
-  shortCircuit?: { active: boolean; reads: number; grants: number; writes?: number; writable?: boolean };
-}
-interface StatusView {
-  vms: Array<{ name: string; disks: Array<{ name: string; replication?: { replicas: ReplicaView[] } }> }>;
-}
-
-async function replicas(d: DaemonProc): Promise<ReplicaView[]> {
-  const s = await d.get<StatusView>('/v1/status');
-  return s.vms.find((v) => v.name === 'vm1')!.disks.find((x) => x.name === 'disk0')!.replication!.replicas;
-}
 
 /** A short-circuit counter per replica, from /metrics. */
 async function metric(d: DaemonProc, name: 'writes' | 'reads'): Promise<Record<string, number>> {
@@ -38,36 +23,6 @@ async function metric(d: DaemonProc, name: 'writes' | 'reads'): Promise<Record<s
   const re = new RegExp(`^vstore_remote_shortcircuit_${name}_total\\{vm="vm1",disk="disk0",replica="([^"]+)"\\} (\\d+)$`, 'gm');
   for (const m of (await d.text('/metrics')).matchAll(re)) out[m[1]!] = Number(m[2]);
   return out;
-}
-
-async function until(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-const uri = (sock: string): string => `nbd+unix:///?socket=${sock}`;
-
-async function cluster(name: string, volume: Record<string, unknown>): Promise<{ dir: string; resolver: { url: string; stop(): Promise<unknown> }; nodes: NodeProc[]; daemon: DaemonProc }> {
-  const dir = tempDir(name);
-  const resolver = await startResolverService(path.join(dir, 'resolver'));
-  const nodes = [
-    await startStorageNode({ id: 'n1', data: path.join(dir, 'n1'), resolver: resolver.url }),
-    await startStorageNode({ id: 'n2', data: path.join(dir, 'n2'), resolver: resolver.url }),
-  ];
-  const daemon = await startDaemonWith(path.join(dir, 'host'), {
-    resolver: { url: resolver.url },
-    vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: '128M', replicas: 2, ...volume } }] }],
-  });
-  return { dir, resolver, nodes, daemon };
-}
-
-async function stopAll(c: { resolver: { stop(): Promise<unknown> }; nodes: NodeProc[]; daemon: DaemonProc }): Promise<void> {
-  await c.daemon.stop();
-  for (const n of c.nodes) await n.stop(false).catch(() => {});
-  await c.resolver.stop();
 }
 
 /** fio through the export; resolves with its JSON jobs, fails the test on a non-zero exit. */
@@ -99,7 +54,7 @@ async function straceDaemon(pid: number, out: string): Promise<{ stop(): Promise
 
 describe('short-circuit local writes through the daemon', () => {
   it('writes land in both node files by pwrite, fio verifies, a FLUSH is the daemon\'s fdatasync of both files', async () => {
-    const c = await cluster('vst-scw-', {});
+    const c = await cluster('vst-scw-', {}, '128M');
     try {
       const sock = c.daemon.diskSocket('vm1', 'disk0');
       await until('a read-write descriptor of each replica', async () => (await replicas(c.daemon)).every((r) => r.shortCircuit?.writable === true));
@@ -140,7 +95,7 @@ describe('short-circuit local writes through the daemon', () => {
   });
 
   it('kill -9 of a node mid fio write job: no fio error, out of sync, resynced through the node, files identical, local writes resume', async () => {
-    const c = await cluster('vst-scw-kill-', { waitTimeoutMs: 30_000 });
+    const c = await cluster('vst-scw-kill-', { waitTimeoutMs: 30_000 }, '128M');
     try {
       const sock = c.daemon.diskSocket('vm1', 'disk0');
       await until('read-write descriptors', async () => (await replicas(c.daemon)).every((r) => r.shortCircuit?.writable === true));
@@ -181,7 +136,7 @@ describe('short-circuit local writes through the daemon', () => {
   });
 
   it('shortCircuitWrites: false: reads stay local, writes go over NBD', async () => {
-    const c = await cluster('vst-scw-off-', { shortCircuitWrites: false });
+    const c = await cluster('vst-scw-off-', { shortCircuitWrites: false }, '128M');
     try {
       const sock = c.daemon.diskSocket('vm1', 'disk0');
       await until('read-only descriptors', async () => (await replicas(c.daemon)).every((r) => r.shortCircuit?.active === true));

@@ -6,25 +6,11 @@
  */
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { requireCommands, run, tempDir } from '../helpers/index.js';
-import { startDaemonWith, startResolverService, startStorageNode, type DaemonProc, type NodeProc } from '../helpers/cluster.js';
+import { requireCommands, run } from '../helpers/index.js';
+import { startStorageNode, type DaemonProc } from '../helpers/cluster.js';
+import { cluster, replicas, until, uri } from './shortcircuit-cluster.js';
 
 beforeAll(() => requireCommands('qemu-io'));
-
-interface ReplicaView {
-  id: string;
-  state: string;
-  up: boolean;
-  shortCircuit?: { active: boolean; reads: number; grants: number };
-}
-interface StatusView {
-  vms: Array<{ name: string; disks: Array<{ name: string; replication?: { replicas: ReplicaView[] } }> }>;
-}
-
-async function replicas(d: DaemonProc): Promise<ReplicaView[]> {
-  const s = await d.get<StatusView>('/v1/status');
-  return s.vms.find((v) => v.name === 'vm1')!.disks.find((x) => x.name === 'disk0')!.replication!.replicas;
-}
 
 /** vstore_remote_shortcircuit_reads_total per replica, from /metrics. */
 async function scReads(d: DaemonProc): Promise<Record<string, number>> {
@@ -36,37 +22,11 @@ async function scReads(d: DaemonProc): Promise<Record<string, number>> {
 }
 const total = (r: Record<string, number>): number => Object.values(r).reduce((a, b) => a + b, 0);
 
-async function until(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
-function uri(sock: string): string {
-  return `nbd+unix:///?socket=${sock}`;
-}
-
 /** qemu-io commands on the export; fails the test when a pattern does not verify. */
 async function qio(sock: string, cmds: string[]): Promise<string> {
   const r = await run('qemu-io', ['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri(sock)]);
   expect(r.stdout, r.stdout).not.toMatch(/Pattern verification failed|error|failed/i);
   return r.stdout;
-}
-
-async function cluster(name: string, volume: Record<string, unknown>): Promise<{ dir: string; resolver: { url: string; stop(): Promise<unknown> }; nodes: NodeProc[]; daemon: DaemonProc }> {
-  const dir = tempDir(name);
-  const resolver = await startResolverService(path.join(dir, 'resolver'));
-  const nodes = [
-    await startStorageNode({ id: 'n1', data: path.join(dir, 'n1'), resolver: resolver.url }),
-    await startStorageNode({ id: 'n2', data: path.join(dir, 'n2'), resolver: resolver.url }),
-  ];
-  const daemon = await startDaemonWith(path.join(dir, 'host'), {
-    resolver: { url: resolver.url },
-    vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: '64M', replicas: 2, ...volume } }] }],
-  });
-  return { dir, resolver, nodes, daemon };
 }
 
 describe('short-circuit local reads through the daemon', () => {

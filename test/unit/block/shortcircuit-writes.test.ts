@@ -4,8 +4,7 @@
  */
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
-import { RemoteVolume } from '../../../lib/block/remote.js';
+import { describe, expect, it } from 'vitest';
 import { ReplicatedVolume, type ReplicaState } from '../../../lib/block/replicated.js';
 import { DirtyRegionLog } from '../../../lib/block/drl.js';
 import { ShortCircuitReader } from '../../../lib/block/shortcircuit.js';
@@ -13,38 +12,12 @@ import { silentLogger } from '../../../lib/log.js';
 import { StorageNode } from '../../../lib/node/node.js';
 import { ShortCircuitServer } from '../../../lib/node/shortcircuit.js';
 import { tempDir } from '../../helpers/index.js';
-
-const MiB = 1024 * 1024;
-const cleanup: Array<() => Promise<unknown> | unknown> = [];
-afterEach(async () => {
-  for (const f of cleanup.splice(0).reverse()) await f();
-});
-
-async function node(name: string, dir = tempDir('vst-scw-')): Promise<{ node: StorageNode; sock: string; dir: string; file: (v: string) => string }> {
-  const sock = path.join(dir, 'nbd.sock');
-  const n = await StorageNode.start({ id: name, data: path.join(dir, 'data'), nbd: [`unix:${sock}`], control: [], logger: silentLogger() });
-  cleanup.push(() => n.stop());
-  return { node: n, sock, dir, file: (v) => path.join(dir, 'data', 'volumes', `${v}.img`) };
-}
+import { MiB, cleanup, node, remote, until } from './shortcircuit-helpers.js';
 
 /** Writes the node received over NBD (its export's counters). */
 function nbdWrites(n: StorageNode, vol: string): number {
   const s = (n as unknown as { nbdServer: { stats(): { exports: { name: string; writes: number }[] } } }).nbdServer.stats();
   return s.exports.find((e) => e.name === vol)?.writes ?? 0;
-}
-
-async function remote(sock: string, vol: string, opts: { shortCircuitWrites?: boolean; id?: string } = {}): Promise<RemoteVolume> {
-  const v = await RemoteVolume.open({ id: opts.id ?? 'n1', addresses: [`unix:${sock}`], export: vol, logger: silentLogger(), reconnect: { initialMs: 20, maxMs: 100 }, ...opts });
-  cleanup.push(() => v.close());
-  return v;
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 describe('short-circuit writes (RemoteVolume over a StorageNode on this host)', () => {

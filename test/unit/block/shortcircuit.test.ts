@@ -6,8 +6,7 @@ import { existsSync, openSync, closeSync, constants as FS, writeFileSync, writeS
 import net from 'node:net';
 import path from 'node:path';
 import fc from 'fast-check';
-import { afterEach, describe, expect, it } from 'vitest';
-import { RemoteVolume } from '../../../lib/block/remote.js';
+import { describe, expect, it } from 'vitest';
 import { ReplicatedVolume } from '../../../lib/block/replicated.js';
 import { DirtyRegionLog } from '../../../lib/block/drl.js';
 import { ShortCircuitReader } from '../../../lib/block/shortcircuit.js';
@@ -16,34 +15,7 @@ import { native } from '../../../lib/native/index.js';
 import { StorageNode } from '../../../lib/node/node.js';
 import { ShortCircuitServer, fdIsDirect, type ShortCircuitServerOptions } from '../../../lib/node/shortcircuit.js';
 import { tempDir } from '../../helpers/index.js';
-
-const MiB = 1024 * 1024;
-const cleanup: Array<() => Promise<unknown> | unknown> = [];
-afterEach(async () => {
-  for (const f of cleanup.splice(0).reverse()) await f();
-});
-
-async function node(name = 'n1', opts: { shortCircuit?: boolean } = {}): Promise<{ node: StorageNode; sock: string; dir: string }> {
-  const dir = tempDir('vst-sc-unit-');
-  const sock = path.join(dir, 'nbd.sock');
-  const n = await StorageNode.start({ id: name, data: path.join(dir, 'data'), nbd: [`unix:${sock}`], control: [], logger: silentLogger(), ...opts });
-  cleanup.push(() => n.stop());
-  return { node: n, sock, dir };
-}
-
-async function remote(sock: string, vol: string, opts: { shortCircuit?: boolean; id?: string } = {}): Promise<RemoteVolume> {
-  const v = await RemoteVolume.open({ id: opts.id ?? 'n1', addresses: [`unix:${sock}`], export: vol, logger: silentLogger(), reconnect: { initialMs: 20, maxMs: 100 }, ...opts });
-  cleanup.push(() => v.close());
-  return v;
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+import { MiB, cleanup, node, remote, until } from './shortcircuit-helpers.js';
 
 describe('short-circuit reads (RemoteVolume over a StorageNode on this host)', () => {
   it('reads the local file, sees each acknowledged write at once, and the node counts the lease', async () => {
