@@ -47,9 +47,32 @@ async function straceDaemon(pid: number, out: string): Promise<{ stop(): Promise
     async stop() {
       st.kill('SIGINT'); // detaches
       await exited;
-      return readFileSync(out, 'utf8').split('\n').filter((l) => /volumes\/vm1\/disk0\.img>/.test(l) && / = 0$/.test(l));
+      return completedImageSyncs(readFileSync(out, 'utf8'));
     },
   };
+}
+
+/**
+ * The fdatasync/fsync calls on a volume image that returned 0, as "PID CALL(FD<path>)". Calls
+ * of several threads at once are split by strace into `<unfinished ...>` and a later
+ * `<... fdatasync resumed>) = 0` line of the same thread.
+ */
+function completedImageSyncs(trace: string): string[] {
+  const open = new Map<string, string>();
+  const done: string[] = [];
+  for (const l of trace.split('\n')) {
+    const m = /^(\d+)\s+(.*)$/.exec(l);
+    if (!m) continue;
+    const [, pid, rest] = m as unknown as [string, string, string];
+    if (/^(fdatasync|fsync)\(.*volumes\/vm1\/disk0\.img>/.test(rest)) {
+      if (/ = 0$/.test(rest)) done.push(`${pid} ${rest}`);
+      else if (/<unfinished \.\.\.>$/.test(rest)) open.set(pid, rest);
+    } else if (/^<\.\.\. (fdatasync|fsync) resumed>/.test(rest) && open.has(pid)) {
+      if (/ = 0$/.test(rest)) done.push(`${pid} ${open.get(pid)!}`);
+      open.delete(pid);
+    }
+  }
+  return done;
 }
 
 describe('short-circuit local writes through the daemon', () => {
