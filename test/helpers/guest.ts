@@ -60,32 +60,34 @@ export async function ensureGuest(): Promise<{ kernel: string; initrd: string }>
 }
 
 /**
- * `result KEY VALUE...` prints its line three times with a sequence number and the first 8 hex
- * digits of md5("KEY VALUE"): the serial console has dropped characters of long lines under load
- * (a truncated hash then failed a test that had passed), so the host keeps the first copy whose
- * checksum matches and ignores damaged ones. Lines a script echoes itself (no suffix) are taken
- * as they come.
+ * `result KEY VALUE...` prints `@@RESULTC SEQ MD5 KEY VALUE` three times: a sequence number and
+ * the first 8 hex digits of md5("KEY VALUE"). The serial console has dropped characters of long
+ * lines under load (a truncated hash then failed a test that had passed), so the host keeps the
+ * first copy whose checksum matches and ignores damaged ones (the checksum leads the line, so a
+ * damaged line can never pass for an unchecked one). Lines a script echoes itself
+ * (`@@RESULT KEY VALUE`) are taken as they come.
  */
 const PRELUDE = `# prelude (test/helpers/guest.ts)
 _rn=0
-result() { k="$1"; shift; v="$*"; _rn=$((_rn+1)); c=$(printf '%s %s' "$k" "$v" | md5sum | cut -c1-8); for _i in 1 2 3; do echo "@@RESULT $k $v @@$_rn:$c"; done; }
+result() { k="$1"; shift; v="$*"; _rn=$((_rn+1)); c=$(printf '%s %s' "$k" "$v" | md5sum | cut -c1-8); for _i in 1 2 3; do echo "@@RESULTC $_rn $c $k $v"; done; }
 `;
 
 /** Parses one console line: a result (checked when it carries a checksum) or null. */
 export function parseResultLine(line: string, seen: Set<number>): { key: string; value: string } | null {
-  const m = /^@@RESULT (\S+) ?(.*)$/.exec(line.trim());
-  if (!m) return null;
-  const key = m[1]!;
-  let value = m[2]!;
-  const sum = / ?@@(\d+):([0-9a-f]{8})$/.exec(value);
-  if (sum) {
-    value = value.slice(0, sum.index);
-    const seq = Number(sum[1]);
+  const t = line.trim();
+  const c = /^@@RESULTC (\d+) ([0-9a-f]{8}) (\S+) ?(.*)$/.exec(t);
+  if (c) {
+    const seq = Number(c[1]);
+    const key = c[3]!;
+    const value = c[4]!;
     if (seen.has(seq)) return null; // another copy of one already taken
-    if (createHash('md5').update(`${key} ${value}`).digest('hex').slice(0, 8) !== sum[2]) return null; // damaged on the console
+    if (createHash('md5').update(`${key} ${value}`).digest('hex').slice(0, 8) !== c[2]) return null; // damaged on the console
     seen.add(seq);
+    return { key, value };
   }
-  return { key, value };
+  if (/^@@RESULT \d+ [0-9a-f]{8} /.test(t)) return null; // a checked line that lost its 'C'
+  const m = /^@@RESULT (\S+) ?(.*)$/.exec(t);
+  return m ? { key: m[1]!, value: m[2]! } : null;
 }
 
 export async function runGuest(opts: GuestRunOptions): Promise<GuestRunResult> {

@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { parseResultLine } from '../helpers/guest.js';
 
 const line = (seq: number, key: string, value: string): string =>
-  `@@RESULT ${key} ${value} @@${seq}:${createHash('md5').update(`${key} ${value}`).digest('hex').slice(0, 8)}`;
+  `@@RESULTC ${seq} ${createHash('md5').update(`${key} ${value}`).digest('hex').slice(0, 8)} ${key} ${value}`;
 
 describe('guest result lines', () => {
   it('takes the first intact copy of each result and ignores damaged copies and repeats', () => {
@@ -12,6 +12,9 @@ describe('guest result lines', () => {
     const good = line(1, 'sum', 'ab12cd34');
     const damaged = good.replace('ab12', 'ab2'); // a character lost on the console
     expect(parseResultLine(damaged, seen)).toBeNull();
+    expect(parseResultLine(good.replace('@@RESULTC 1 ', '@@RESULTC 1'), seen)).toBeNull(); // lost in the header
+    expect(parseResultLine(good.replace('@@RESULTC', '@@RESULT'), seen)).toBeNull(); // 'C' lost: not a key/value line
+
     expect(parseResultLine(good, seen)).toEqual({ key: 'sum', value: 'ab12cd34' });
     expect(parseResultLine(good, seen)).toBeNull(); // the second copy
     expect(parseResultLine(line(2, 'empty', ''), seen)).toEqual({ key: 'empty', value: '' });
