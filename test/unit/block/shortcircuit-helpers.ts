@@ -5,7 +5,9 @@
  */
 import path from 'node:path';
 import { afterEach } from 'vitest';
+import { DirtyRegionLog } from '../../../lib/block/drl.js';
 import { RemoteVolume } from '../../../lib/block/remote.js';
+import { ReplicatedVolume, type ReplicaState } from '../../../lib/block/replicated.js';
 import { silentLogger } from '../../../lib/log.js';
 import { StorageNode } from '../../../lib/node/node.js';
 import { tempDir } from '../../helpers/index.js';
@@ -46,4 +48,26 @@ export async function until(what: string, cond: () => boolean, timeoutMs = 5000)
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+/**
+ * Two nodes n1, n2 with a 4 MiB volume `v` each, a RemoteVolume on each and a ReplicatedVolume
+ * over both; `persisted` records every persistStates call.
+ */
+export async function replicatedPair(resyncRetryMs: number): Promise<{
+  a: TestNode; b: TestNode; ra: RemoteVolume; rb: RemoteVolume; drl: DirtyRegionLog; rep: ReplicatedVolume; persisted: Record<string, ReplicaState>[];
+}> {
+  const a = await node('n1');
+  const b = await node('n2');
+  await a.node.createVolume('v', 4 * MiB);
+  await b.node.createVolume('v', 4 * MiB);
+  const ra = await remote(a.sock, 'v', { id: 'n1' });
+  const rb = await remote(b.sock, 'v', { id: 'n2' });
+  const drl = await DirtyRegionLog.open(path.join(tempDir('vst-sc-drl-'), 'v.drl'), { size: 4 * MiB, replicaIds: ['n1', 'n2'] });
+  const persisted: Record<string, ReplicaState>[] = [];
+  const rep = new ReplicatedVolume({
+    name: 'v', replicas: [ra, rb], drl, persistStates: async (st) => void persisted.push({ ...st }), logger: silentLogger(), resyncRetryMs, waitMs: 5000,
+  });
+  cleanup.push(() => rep.close());
+  return { a, b, ra, rb, drl, rep, persisted };
 }

@@ -5,14 +5,13 @@
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ReplicatedVolume, type ReplicaState } from '../../../lib/block/replicated.js';
-import { DirtyRegionLog } from '../../../lib/block/drl.js';
+import type { ReplicaState } from '../../../lib/block/replicated.js';
 import { ShortCircuitReader } from '../../../lib/block/shortcircuit.js';
 import { silentLogger } from '../../../lib/log.js';
 import { StorageNode } from '../../../lib/node/node.js';
 import { ShortCircuitServer } from '../../../lib/node/shortcircuit.js';
 import { tempDir } from '../../helpers/index.js';
-import { MiB, cleanup, node, remote, until } from './shortcircuit-helpers.js';
+import { MiB, cleanup, node, remote, replicatedPair, until } from './shortcircuit-helpers.js';
 
 /** Writes the node received over NBD (its export's counters). */
 function nbdWrites(n: StorageNode, vol: string): number {
@@ -108,18 +107,7 @@ describe('ShortCircuitReader writes and the lease', () => {
 
 describe('short-circuit writes under the replicated layer', () => {
   it('a failed local write demotes the replica, persisted before the write is acknowledged; resync goes through the node', async () => {
-    const a = await node('n1');
-    const b = await node('n2');
-    await a.node.createVolume('v', 4 * MiB);
-    await b.node.createVolume('v', 4 * MiB);
-    const ra = await remote(a.sock, 'v', { id: 'n1' });
-    const rb = await remote(b.sock, 'v', { id: 'n2' });
-    const drl = await DirtyRegionLog.open(path.join(tempDir('vst-scw-drl-'), 'v.drl'), { size: 4 * MiB, replicaIds: ['n1', 'n2'] });
-    const persisted: Record<string, ReplicaState>[] = [];
-    const rep = new ReplicatedVolume({
-      name: 'v', replicas: [ra, rb], drl, persistStates: async (s) => void persisted.push({ ...s }), logger: silentLogger(), resyncRetryMs: 200, waitMs: 5000,
-    });
-    cleanup.push(() => rep.close());
+    const { a, b, ra, rb, drl, rep, persisted } = await replicatedPair(200);
     await until('descriptors', () => ra.shortCircuitStatus().writable && rb.shortCircuitStatus().writable);
     await rep.write(0, Buffer.alloc(MiB, 1));
     await rep.flush();

@@ -7,15 +7,13 @@ import net from 'node:net';
 import path from 'node:path';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { ReplicatedVolume } from '../../../lib/block/replicated.js';
-import { DirtyRegionLog } from '../../../lib/block/drl.js';
 import { ShortCircuitReader } from '../../../lib/block/shortcircuit.js';
 import { silentLogger } from '../../../lib/log.js';
 import { native } from '../../../lib/native/index.js';
 import { StorageNode } from '../../../lib/node/node.js';
 import { ShortCircuitServer, fdIsDirect, type ShortCircuitServerOptions } from '../../../lib/node/shortcircuit.js';
 import { tempDir } from '../../helpers/index.js';
-import { MiB, cleanup, node, remote, until } from './shortcircuit-helpers.js';
+import { MiB, cleanup, node, remote, replicatedPair, until } from './shortcircuit-helpers.js';
 
 describe('short-circuit reads (RemoteVolume over a StorageNode on this host)', () => {
   it('reads the local file, sees each acknowledged write at once, and the node counts the lease', async () => {
@@ -90,17 +88,7 @@ describe('short-circuit reads (RemoteVolume over a StorageNode on this host)', (
   });
 
   it('the replicated layer uses only in-sync replicas: a demoted replica drops its descriptor, a resynced one gets it back', async () => {
-    const a = await node('n1');
-    const b = await node('n2');
-    await a.node.createVolume('v', 4 * MiB);
-    await b.node.createVolume('v', 4 * MiB);
-    const ra = await remote(a.sock, 'v', { id: 'n1' });
-    const rb = await remote(b.sock, 'v', { id: 'n2' });
-    const drl = await DirtyRegionLog.open(path.join(tempDir('vst-sc-drl-'), 'v.drl'), { size: 4 * MiB, replicaIds: ['n1', 'n2'] });
-    const rep = new ReplicatedVolume({
-      name: 'v', replicas: [ra, rb], drl, persistStates: async () => {}, logger: silentLogger(), resyncRetryMs: 100, waitMs: 5000,
-    });
-    cleanup.push(() => rep.close());
+    const { a, ra, rb, rep } = await replicatedPair(100);
     await until('descriptors', () => ra.shortCircuitStatus().active && rb.shortCircuitStatus().active);
     await rep.write(0, Buffer.alloc(65536, 1));
     const buf = Buffer.alloc(65536);
