@@ -126,6 +126,8 @@ export interface CacheStats {
   warm?: { totalBytes: number; doneBytes: number };
 }
 
+/** Slots written back at once when write-back is not held back (16 made crash-concurrent.property.test.ts hang at some seeds, with memory growing: not understood yet, kept at 8). */
+const WB_WIDTH = 8;
 /** Fills (cache-on-read) waiting to be written into the cache at once; more are skipped. */
 const MAX_PENDING_FILLS = 64;
 
@@ -1152,18 +1154,20 @@ export class CacheVolume implements Volume {
       // else a crash could bring back an older clean slot they shadow, now older than the
       // backing volume (found by the crash model). After a guest FLUSH this costs nothing.
       if (!this.device.durable(slots)) await this.device.commit();
+      // Adapt to load: with guest requests in flight and room under the dirty bound, go
+      // slowly (one slot at a time with a breather); otherwise WB_WIDTH at once. The bound is
+      // the disk's own (its allotment halves it): against maxDirty alone, writers waiting at an
+      // allotment's bound saw write-back stay in its slow mode.
+      const slow = (): boolean => this.foreground > 0 && this.dirtyBytes < this.dirtyBound() / 2 && !this.draining;
       let i = 0;
       const worker = async (): Promise<void> => {
         while (i < slots.length) {
           const s = slots[i++]!;
-          // Adapt to load: with guest requests in flight and room under the dirty bound, go
-          // slowly (one slot at a time with a breather); otherwise at full width.
-          if (this.foreground > 0 && this.dirtyBytes < this.maxDirty / 2 && !this.draining) await new Promise((r) => setTimeout(r, 2));
+          if (slow()) await new Promise((r) => setTimeout(r, 2));
           await this.writeBackSlot(s);
         }
       };
-      const width = this.foreground > 0 && this.dirtyBytes < this.maxDirty / 2 && !this.draining ? 1 : 8;
-      await Promise.all(Array.from({ length: Math.min(width, slots.length) }, worker));
+      await Promise.all(Array.from({ length: Math.min(slow() ? 1 : WB_WIDTH, slots.length) }, worker));
       await this.backing.flush();
       const bytes = this.epochBytes.get(n) ?? 0;
       this.device.epochDone(this.meta, n);
