@@ -74,8 +74,8 @@ result() { k="$1"; shift; v="$*"; _rn=$((_rn+1)); c=$(printf '%s %s' "$k" "$v" |
 
 /** Parses one console line: a result (checked when it carries a checksum) or null. */
 export function parseResultLine(line: string, seen: Set<number>): { key: string; value: string } | null {
-  const t = line.trim();
-  const c = /^@@RESULTC (\d+) ([0-9a-f]{8}) (\S+) ?(.*)$/.exec(t);
+  // Only the start is trimmed before the check: a value may end in spaces (`$(ls | tr '\n' ' ')`).
+  const c = /^@@RESULTC (\d+) ([0-9a-f]{8}) (\S+) ?(.*)$/.exec(line.replace(/\r/g, '').trimStart());
   if (c) {
     const seq = Number(c[1]);
     const key = c[3]!;
@@ -83,8 +83,9 @@ export function parseResultLine(line: string, seen: Set<number>): { key: string;
     if (seen.has(seq)) return null; // another copy of one already taken
     if (createHash('md5').update(`${key} ${value}`).digest('hex').slice(0, 8) !== c[2]) return null; // damaged on the console
     seen.add(seq);
-    return { key, value };
+    return { key, value: value.trimEnd() }; // as unchecked lines always were
   }
+  const t = line.trim();
   if (/^@@RESULT \d+ [0-9a-f]{8} /.test(t)) return null; // a checked line that lost its 'C'
   const m = /^@@RESULT (\S+) ?(.*)$/.exec(t);
   return m ? { key: m[1]!, value: m[2]! } : null;

@@ -18,6 +18,7 @@ describe('guest result lines', () => {
     expect(parseResultLine(good, seen)).toEqual({ key: 'sum', value: 'ab12cd34' });
     expect(parseResultLine(good, seen)).toBeNull(); // the second copy
     expect(parseResultLine(line(2, 'empty', ''), seen)).toEqual({ key: 'empty', value: '' });
+    expect(parseResultLine(line(4, 'listing', 'a b c ') + '\r', seen)).toEqual({ key: 'listing', value: 'a b c' }); // a value ending in a space
     expect(parseResultLine(line(3, 'sum', 'ab12cd34'), seen)).toEqual({ key: 'sum', value: 'ab12cd34' }); // a new emission of the same key
   });
   it('takes lines without a checksum as they come (scripts that echo @@RESULT themselves)', () => {
