@@ -32,8 +32,7 @@
 import { rm } from 'node:fs/promises';
 import type { Logger } from '../log.js';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
-import { prepareSocket } from '../net/address.js';
-import { closeQuietly } from '../vhost/channel.js';
+import { closeQuietly, listenPrivateSocket } from '../vhost/channel.js';
 import type { AdoptedShare, RunningShare, ShareHandoffState } from './virtiofs.js';
 
 export const HANDOFF_VERSION = 1;
@@ -254,15 +253,7 @@ export class HandoffServer {
 
   static async listen(o: HandoffServerOptions): Promise<HandoffServer> {
     const n = o.native ?? native();
-    await prepareSocket(o.path, 'handoff socket');
-    const old = process.umask(0o177);
-    let lfd: number;
-    try {
-      lfd = n.unixListen(o.path, 2);
-    } finally {
-      process.umask(old);
-    }
-    return new HandoffServer(o, lfd);
+    return new HandoffServer(o, await listenPrivateSocket(n, o.path, 'handoff socket', 2));
   }
 
   /** Stops listening and removes the socket (a handoff under way goes on). */

@@ -47,12 +47,11 @@
  * snapshots), opens volumes O_DIRECT (refused below), keeps allocation maps in memory, or
  * shrinks/replaces a file without ending the leases first.
  */
-import { chmod } from 'node:fs/promises';
 import { closeSync, constants as FS, openSync, readFileSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import type { Logger } from '../log.js';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
-import { prepareSocket } from '../net/address.js';
+import { listenPrivateSocket } from '../vhost/channel.js';
 import { VolumeError, toVolumeError } from '../block/errors.js';
 
 /** The short-circuit socket that belongs to a unix NBD socket. */
@@ -132,15 +131,7 @@ export class ShortCircuitServer {
 
   static async listen(o: ShortCircuitServerOptions): Promise<ShortCircuitServer> {
     const n = o.native ?? native();
-    await prepareSocket(o.path, 'short-circuit socket');
-    const lfd = n.unixListen(o.path, 16);
-    try {
-      await chmod(o.path, 0o600);
-    } catch (e) {
-      n.closeFd(lfd);
-      throw e;
-    }
-    return new ShortCircuitServer(o, n, lfd);
+    return new ShortCircuitServer(o, n, await listenPrivateSocket(n, o.path, 'short-circuit socket', 16));
   }
 
   /** The generation a descriptor of `name` handed out now carries. */

@@ -55,8 +55,7 @@ export class QosFileTree extends FileTreeLayer {
 
   /** One request without bytes. */
   private small<T>(fn: () => Promise<T>): Promise<T> {
-    const f = this.flow;
-    return f ? f.submit(OpKind.Other, 0, fn) : fn();
+    return this.sized(OpKind.Other, 0, fn);
   }
 
   private sized<T>(kind: OpKind, bytes: number, fn: () => Promise<T>): Promise<T> {

@@ -4,6 +4,7 @@
  * (back end: backend.ts; front end: test/helpers/vhost-frontend.ts).
  */
 import type { NativeAddon, NativeFdWatcher } from '../native/index.js';
+import { prepareSocket } from '../net/address.js';
 import { encodeMessage, MessageReader, type Message } from './protocol.js';
 
 export interface ChannelHandlers {
@@ -95,6 +96,21 @@ export class Channel {
     } catch (e) {
       this.close(e instanceof Error ? e : new Error(String(e)));
     }
+  }
+}
+
+/**
+ * A listening unix socket of mode 0600 for the addon's fd servers (vhost-user, handoff,
+ * short-circuit): the path made usable first (prepareSocket), and created under umask 0177 so it
+ * never exists with wider permissions, even for a moment.
+ */
+export async function listenPrivateSocket(n: NativeAddon, p: string, what: string, backlog: number): Promise<number> {
+  await prepareSocket(p, what);
+  const old = process.umask(0o177);
+  try {
+    return n.unixListen(p, backlog);
+  } finally {
+    process.umask(old);
   }
 }
 

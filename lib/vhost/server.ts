@@ -4,12 +4,11 @@
  * once the current one has ended (QEMU's `reconnect=N`). A second front end while one is
  * connected is refused (its connection is closed at once).
  */
-import { chmod, rm } from 'node:fs/promises';
-import { prepareSocket } from '../net/address.js';
+import { rm } from 'node:fs/promises';
 import type { Logger } from '../log.js';
 import { native, type NativeAddon, type NativeFdWatcher } from '../native/index.js';
 import { VhostUserBackend, type BackendState, type VhostUserDevice } from './backend.js';
-import { closeQuietly } from './channel.js';
+import { closeQuietly, listenPrivateSocket } from './channel.js';
 
 export interface VhostUserServerOptions {
   /** Unix socket path; a stale socket is replaced, a live one refused. */
@@ -152,14 +151,7 @@ export class VhostUserServer {
 
   static async listen(o: VhostUserServerOptions): Promise<VhostUserServer> {
     const n = o.native ?? native();
-    await prepareSocket(o.path, 'vhost-user socket');
-    const lfd = n.unixListen(o.path, 4);
-    try {
-      await chmod(o.path, 0o600);
-    } catch (e) {
-      closeQuietly(n, lfd);
-      throw e;
-    }
+    const lfd = await listenPrivateSocket(n, o.path, 'vhost-user socket', 4);
     const s = new VhostUserServer(o, n, lfd);
     s.log.info({ socket: o.path }, 'vhost-user: listening');
     return s;

@@ -9,6 +9,7 @@ import * as net from 'node:net';
 import path from 'node:path';
 import { afterAll } from 'vitest';
 import { REPO_ROOT, VSTORE_BIN } from './nbd-server.js';
+import { tempDir } from './tmp.js';
 
 export interface Proc {
   readonly child: ChildProcess;
@@ -151,6 +152,31 @@ export async function startDaemonWith(dir: string, config: Record<string, unknow
   };
   const get = async <T>(urlPath: string): Promise<T> => JSON.parse(await text(urlPath)) as T;
   return Object.assign(p, { config: file, control, runDir, diskSocket: (vm: string, disk: string) => path.join(runDir, `${vm}-${disk}.sock`), get, text });
+}
+
+export interface ReplicatedCluster {
+  dir: string;
+  resolver: Proc & { url: string };
+  nodes: NodeProc[];
+  daemon: DaemonProc;
+}
+
+/**
+ * A resolver service, storage nodes n1 and n2 on unix sockets and `vstore serve` with vm1/disk0 on
+ * a 2-replica volume of `size` (plus the `volume` settings given), in a new temp dir `prefix*`.
+ */
+export async function startReplicatedCluster(prefix: string, volume: Record<string, unknown> = {}, size = '64M'): Promise<ReplicatedCluster> {
+  const dir = tempDir(prefix);
+  const resolver = await startResolverService(path.join(dir, 'resolver'));
+  const nodes = [
+    await startStorageNode({ id: 'n1', data: path.join(dir, 'n1'), resolver: resolver.url }),
+    await startStorageNode({ id: 'n2', data: path.join(dir, 'n2'), resolver: resolver.url }),
+  ];
+  const daemon = await startDaemonWith(path.join(dir, 'host'), {
+    resolver: { url: resolver.url },
+    vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size, replicas: 2, ...volume } }] }],
+  });
+  return { dir, resolver, nodes, daemon };
 }
 
 export function freeTcpPort(): Promise<number> {

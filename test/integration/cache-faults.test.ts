@@ -5,36 +5,24 @@
  * stats, status and metrics, write back the dirty data it can still read, and lose nothing that
  * was acknowledged: every block reads back through the daemon and is on the backing file.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { call, getText } from '../../lib/cli/client.js';
 import { NbdClientConnection } from '../../lib/nbd/client.js';
 import { silentLogger } from '../../lib/log.js';
+import { spawnProc } from '../helpers/cluster.js';
 import { VSTORE_BIN } from '../helpers/nbd-server.js';
 import { requireCommands, run } from '../helpers/run.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const BS = 4096;
-const procs = new Set<ChildProcess>();
-afterAll(() => {
-  for (const p of procs) p.kill('SIGKILL');
-});
 
 function blockOf(i: number, gen: number): Buffer {
   const b = Buffer.alloc(BS, (i * 7 + gen) & 0xff);
   b.writeUInt32LE(i, 0);
   b.writeUInt32LE(gen, 4);
   return b;
-}
-
-async function waitFor(p: string, what: string, out: () => string): Promise<void> {
-  const deadline = Date.now() + 30_000;
-  while (!existsSync(p)) {
-    if (Date.now() > deadline) throw new Error(`${what} not ready after 30 s:\n${out()}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 describe('cache device faults (nbdkit error filter under a real vstore serve)', () => {
@@ -49,11 +37,7 @@ describe('cache device faults (nbdkit error filter under a real vstore serve)', 
     truncateSync(image, 16 * 1024 * 1024);
     const devSock = path.join(dir, 'cachedev.sock');
     const trigger = path.join(dir, 'fail-writes');
-    const nbdkit = spawn('nbdkit', ['-f', '-U', devSock, '--filter=error', 'file', devImg, 'error-pwrite=EIO', 'error-pwrite-rate=100%', `error-pwrite-file=${trigger}`], { stdio: ['ignore', 'pipe', 'pipe'] });
-    procs.add(nbdkit);
-    let kitOut = '';
-    nbdkit.stderr!.on('data', (b: Buffer) => (kitOut += b.toString()));
-    await waitFor(devSock, 'nbdkit', () => kitOut);
+    const nbdkit = await spawnProc('nbdkit', ['-f', '-U', devSock, '--filter=error', 'file', devImg, 'error-pwrite=EIO', 'error-pwrite-rate=100%', `error-pwrite-file=${trigger}`], () => existsSync(devSock), 30_000);
 
     const control = path.join(dir, 'control.sock');
     const sock = path.join(dir, 'run', 'vm-d0.sock');
@@ -68,13 +52,7 @@ describe('cache device faults (nbdkit error filter under a real vstore serve)', 
       }),
     );
     rmSync(sock, { force: true });
-    const daemon = spawn(process.execPath, [VSTORE_BIN, 'serve', '-c', cfgFile, '--log-level', 'info'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    procs.add(daemon);
-    let log = '';
-    daemon.stdout!.on('data', (b: Buffer) => (log += b.toString()));
-    daemon.stderr!.on('data', (b: Buffer) => (log += b.toString()));
-    const exited = new Promise<number | null>((r) => daemon.on('exit', (code) => r(code)));
-    await waitFor(control, 'vstore serve', () => log);
+    const daemon = await spawnProc(process.execPath, [VSTORE_BIN, 'serve', '-c', cfgFile, '--log-level', 'info'], () => existsSync(control), 30_000);
 
     const c = await NbdClientConnection.connect({ address: `unix:${sock}`, logger: silentLogger() });
     const latest = new Map<number, number>();
@@ -104,7 +82,7 @@ describe('cache device faults (nbdkit error filter under a real vstore serve)', 
     expect(status).toMatch(/vm\/d0\s+pass-through.*DEGRADED/);
     const metrics = await getText(control, '/metrics');
     expect(metrics).toMatch(/vstore_cache_degraded\{vm="vm",disk="d0"\} 1/);
-    const failLines = log.split('\n').filter((l) => l.includes('disk degraded to pass-through'));
+    const failLines = daemon.log().split('\n').filter((l) => l.includes('disk degraded to pass-through'));
     expect(failLines.length).toBe(1);
 
     // Nothing acknowledged is lost: through the daemon, and on the backing file after a clean stop.
@@ -114,10 +92,9 @@ describe('cache device faults (nbdkit error filter under a real vstore serve)', 
       expect(back.equals(blockOf(i, gen)), `block ${i} through the daemon`).toBe(true);
     }
     await c.close();
-    daemon.kill('SIGTERM');
-    expect(await exited).toBe(0);
+    expect(await daemon.stop(false)).toBe(0);
     const file = readFileSync(image);
     for (const [i, gen] of latest) expect(file.subarray(i * BS, (i + 1) * BS).equals(blockOf(i, gen)), `block ${i} on the backing file`).toBe(true);
-    nbdkit.kill('SIGTERM');
+    await nbdkit.stop(false);
   }, 120_000);
 });

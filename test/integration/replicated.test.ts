@@ -9,7 +9,7 @@ import { statSync } from 'node:fs';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { MiB, requireCommands, run, tempDir } from '../helpers/index.js';
-import { startDaemonWith, startResolverService, startStorageNode, type DaemonProc, type NodeProc } from '../helpers/cluster.js';
+import { startDaemonWith, startReplicatedCluster, startResolverService, startStorageNode, type DaemonProc, type NodeProc } from '../helpers/cluster.js';
 
 beforeAll(() => requireCommands('fio', 'qemu-io', 'qemu-img', 'nbdinfo'));
 
@@ -42,16 +42,7 @@ function uri(sock: string): string {
 
 describe('replicated volume through the daemon (resolver service, two node processes)', () => {
   it('places the volume on both nodes, serves it, and writes land on both replicas', async () => {
-    const dir = tempDir('vst-repl-');
-    const resolver = await startResolverService(path.join(dir, 'resolver'));
-    const nodes = [
-      await startStorageNode({ id: 'n1', data: path.join(dir, 'n1'), resolver: resolver.url }),
-      await startStorageNode({ id: 'n2', data: path.join(dir, 'n2'), resolver: resolver.url }),
-    ];
-    const daemon = await startDaemonWith(path.join(dir, 'host'), {
-      resolver: { url: resolver.url },
-      vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: '64M', replicas: 2 } }] }],
-    });
+    const { resolver, nodes, daemon } = await startReplicatedCluster('vst-repl-');
     try {
       const info = JSON.parse((await run('nbdinfo', ['--json', uri(daemon.diskSocket('vm1', 'disk0'))])).stdout);
       expect(info.exports[0]['export-size']).toBe(64 * MiB);
@@ -79,16 +70,7 @@ describe('replicated volume through the daemon (resolver service, two node proce
   });
 
   it('kill -9 of a node under an fio verify job: no error, the node resyncs, the replicas end identical', async () => {
-    const dir = tempDir('vst-repl-kill-');
-    const resolver = await startResolverService(path.join(dir, 'resolver'));
-    const nodes: NodeProc[] = [
-      await startStorageNode({ id: 'n1', data: path.join(dir, 'n1'), resolver: resolver.url }),
-      await startStorageNode({ id: 'n2', data: path.join(dir, 'n2'), resolver: resolver.url }),
-    ];
-    const daemon = await startDaemonWith(path.join(dir, 'host'), {
-      resolver: { url: resolver.url },
-      vms: [{ name: 'vm1', disks: [{ name: 'disk0', volume: { size: '128M', replicas: 2, waitTimeoutMs: 30_000 } }] }],
-    });
+    const { dir, resolver, nodes, daemon } = await startReplicatedCluster('vst-repl-kill-', { waitTimeoutMs: 30_000 }, '128M');
     try {
       const sock = daemon.diskSocket('vm1', 'disk0');
       // Write phase then verify phase, 2 jobs x QD 16 over 2 x 48 MiB; a node dies in the middle.

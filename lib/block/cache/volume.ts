@@ -559,17 +559,9 @@ export class CacheVolume implements Volume {
       let slots = this.meta.lines.get(line);
       let slot = slots?.[0] !== undefined && this.device.slotEpoch[slots[0]]! === 0 ? slots[0] : -1;
       for (const p of pieces) {
-        const a = Math.ceil(p.from / SECTOR);
         const b = Math.floor((p.from + p.data.length) / SECTOR);
-        // runs of sectors that may be filled
-        let s = a;
-        while (s < b) {
-          if (!this.fillable(slots, slot, s)) {
-            s++;
-            continue;
-          }
-          let e = s + 1;
-          while (e < b && this.fillable(slots, slot, e)) e++;
+        for (let r = this.fillRun(slots, slot, Math.ceil(p.from / SECTOR), b); r; r = this.fillRun(slots, slot, r[1], b)) {
+          const [s, e] = r;
           if (slot < 0) {
             const got = await this.device.allocate(this.meta, line, 0);
             if (got === null) return; // no room now: the read was served, the fill is only a hint
@@ -580,10 +572,19 @@ export class CacheVolume implements Volume {
           await this.device.writeData(slot, s * SECTOR, p.data.subarray(s * SECTOR - p.from, e * SECTOR - p.from));
           setRange(this.device.slotValid(slot), s, e);
           this.device.mark(slot);
-          s = e;
         }
       }
     });
+  }
+
+  /** The next run [s, e) of fillable sectors from `from` below `to` (fillable() of the slots as they are now), or null. */
+  private fillRun(slots: number[] | undefined, slot: number, from: number, to: number): [number, number] | null {
+    let s = from;
+    while (s < to && !this.fillable(slots, slot, s)) s++;
+    if (s >= to) return null;
+    let e = s + 1;
+    while (e < to && this.fillable(slots, slot, e)) e++;
+    return [s, e];
   }
 
   /** Whether sector x may be filled into `slot` (the line's epoch-0 slot, -1: none yet): no slot holds it and no durable record calls it valid there. */
@@ -606,13 +607,8 @@ export class CacheVolume implements Volume {
     let slot = slots?.[0] !== undefined && this.device.slotEpoch[slots[0]]! === 0 ? slots[0] : -1;
     for (const p of pieces) {
       const b = Math.floor((p.from + p.data.length) / SECTOR);
-      for (let s = Math.ceil(p.from / SECTOR); s < b; ) {
-        if (!this.fillable(slots, slot, s)) {
-          s++;
-          continue;
-        }
-        let e = s + 1;
-        while (e < b && this.fillable(slots, slot, e)) e++;
+      for (let r = this.fillRun(slots, slot, Math.ceil(p.from / SECTOR), b); r; r = this.fillRun(slots, slot, r[1], b)) {
+        const [s, e] = r;
         if (slot < 0) {
           slot = this.device.allocateNow(this.meta, line, 0);
           if (slot < 0) return false;
@@ -622,7 +618,6 @@ export class CacheVolume implements Volume {
         if (!this.device.writeDataSync(slot, s * SECTOR, p.data.subarray(s * SECTOR - p.from, e * SECTOR - p.from))) return false;
         setRange(this.device.slotValid(slot), s, e);
         this.device.mark(slot);
-        s = e;
       }
     }
     return true;

@@ -10,7 +10,7 @@ import type { Volume } from '../../../lib/block/volume.js';
 import { renderStatus } from '../../../lib/cli/status.js';
 import { parseDisk, parseVm, type ResolveContext } from '../../../lib/config/schema.js';
 import { renderMetrics } from '../../../lib/daemon/control.js';
-import { RegistryError, VmRegistry, type VhostServerOptions } from '../../../lib/daemon/registry.js';
+import { RegistryError, VmRegistry, type RegistryDeps, type VhostServerOptions } from '../../../lib/daemon/registry.js';
 import { silentLogger } from '../../../lib/log.js';
 import type { NbdExportSpec } from '../../../lib/nbd/api.js';
 import { NbdServer } from '../../../lib/nbd/server.js';
@@ -30,7 +30,21 @@ beforeEach(() => {
   nbdVolumes = [];
   failVhost = undefined;
   opened.clear();
-  registry = new VmRegistry({
+  registry = makeRegistry({
+    createVhostServer: async (o) => {
+      if (failVhost) throw failVhost;
+      const rec = { ...o, closed: false };
+      vhosts.push(rec);
+      return {
+        close: async () => void (rec.closed = true),
+        stats: () => ({ connected: false, connections: 3, ok: 5, ioerr: 1, unsupp: 2, dropped: 0 }),
+      };
+    },
+  });
+});
+/** A registry over MemoryVolumes (recorded in `opened`) whose NBD servers record their exports' volumes in `nbdVolumes`. */
+function makeRegistry(extra: Partial<RegistryDeps> = {}): VmRegistry {
+  return new VmRegistry({
     logger: silentLogger(),
     openVolume: async (d) => {
       const v = new MemoryVolume({ size: 1024 * 1024 });
@@ -46,17 +60,10 @@ beforeEach(() => {
       };
       return s;
     },
-    createVhostServer: async (o) => {
-      if (failVhost) throw failVhost;
-      const rec = { ...o, closed: false };
-      vhosts.push(rec);
-      return {
-        close: async () => void (rec.closed = true),
-        stats: () => ({ connected: false, connections: 3, ok: 5, ioerr: 1, unsupp: 2, dropped: 0 }),
-      };
-    },
+    ...extra,
   });
-});
+}
+
 afterEach(async () => {
   await registry.closeAll();
   rmSync(dir, { recursive: true, force: true });
@@ -88,24 +95,7 @@ describe('vhost-user disks in the registry', () => {
       tcpVolumes.push(spec.volume);
       add(spec);
     };
-    const reg = new VmRegistry({
-      logger: silentLogger(),
-      openVolume: async (d) => {
-        const v = new MemoryVolume({ size: 1024 * 1024 });
-        opened.set(d.file, v);
-        return v;
-      },
-      createServer: (o) => {
-        const s = new NbdServer(o);
-        const addUnix = s.addExport.bind(s);
-        s.addExport = (spec: NbdExportSpec) => {
-          nbdVolumes.push(spec.volume);
-          addUnix(spec);
-        };
-        return s;
-      },
-      tcpServer: tcp,
-    });
+    const reg = makeRegistry({ tcpServer: tcp });
     try {
       await reg.addVm(parseVm({ name: 'vm', disks: [{ name: 'd', file: 'd.img' }] }, ctx));
       expect(nbdVolumes).toHaveLength(1);
